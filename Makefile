@@ -1,0 +1,90 @@
+# argse — the two set-up commands are `make demo` and `make test` (see README).
+SHELL := /bin/bash
+PYTHON ?= python3
+VENV ?= .venv
+PY := $(VENV)/bin/python
+ARGSE := $(VENV)/bin/argse
+DATA ?= data
+STORE ?= artifacts
+SHARED ?= ../shared
+DOWNLOAD ?= 0
+export ARGSE_DATA := $(DATA)
+export ARGSE_STORE := $(STORE)
+
+.PHONY: install data demo test test-all lint schemas digests bench reproduce clean
+
+install: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml constraints.txt
+	$(PYTHON) -m venv $(VENV)
+	$(VENV)/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,cluster]'
+	touch $@
+
+# CIFAR-10: the offline copy from ../shared when present; else download only when asked.
+data: install $(DATA)/cifar-10-batches-py/batches.meta
+
+$(DATA)/cifar-10-batches-py/batches.meta:
+	@if [ -f $(SHARED)/data/cifar10/build_cifar10.py ]; then \
+	  $(PY) $(SHARED)/data/cifar10/build_cifar10.py $(DATA); \
+	elif [ "$(DOWNLOAD)" = "1" ]; then \
+	  $(MAKE) install && $(ARGSE) split --download --data-root $(DATA) --print-key >/dev/null; \
+	else \
+	  echo "CIFAR-10 not found under $(DATA)/: run 'make demo DOWNLOAD=1' (torchvision download) or put cifar-10-batches-py/ there"; exit 2; \
+	fi
+
+DEMO := --config configs/demo.yaml
+demo: install data
+	$(ARGSE) split $(DEMO)
+	$(ARGSE) train-expert $(DEMO)
+	$(ARGSE) export-logits $(DEMO)
+	$(ARGSE) calibrate $(DEMO)
+	$(ARGSE) train-gate $(DEMO) --beta balanced
+	$(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0
+	$(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key)
+	$(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0 --print-key)
+	$(ARGSE) baselines $(DEMO)
+	$(ARGSE) report $(DEMO) --out reports/demo \
+	  --eval $$($(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key) --print-key) \
+	  --eval $$($(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0 --print-key) --print-key) \
+	  --baselines $$($(ARGSE) baselines $(DEMO) --print-key)
+
+test: install
+	$(PY) -m pytest -q
+
+test-all: install
+	$(PY) -m pytest -q -m "not gpu"
+
+lint: install
+	$(VENV)/bin/ruff check argse_cli tests bench
+
+schemas: install
+	$(PY) -m argse_cli.schemas --write
+
+digests: install
+	$(PY) -m argse_cli.digests --update
+
+bench: install data
+	$(PY) bench/bench_eval.py
+	$(PY) bench/bench_trainer.py --depth 8 --epochs 2
+
+REPRO := --config configs/cifar10lt.yaml
+reproduce: install data
+	$(ARGSE) split $(REPRO)
+	$(ARGSE) train-expert $(REPRO)
+	$(ARGSE) export-logits $(REPRO)
+	$(ARGSE) calibrate $(REPRO)
+	for s in 42 43 44 45 46; do \
+	  $(ARGSE) train-gate $(REPRO) --beta balanced --seed $$s && \
+	  $(ARGSE) train-gate $(REPRO) --beta worst --xi 1.0 --seed $$s && \
+	  $(ARGSE) eval $(REPRO) --gate $$($(ARGSE) train-gate $(REPRO) --beta balanced --seed $$s --print-key) && \
+	  $(ARGSE) eval $(REPRO) --gate $$($(ARGSE) train-gate $(REPRO) --beta worst --xi 1.0 --seed $$s --print-key) || exit 1; \
+	done
+	$(ARGSE) baselines $(REPRO)
+	$(ARGSE) report $(REPRO) --out reports/cifar10lt \
+	  $$(for s in 42 43 44 45 46; do for b in "--beta balanced" "--beta worst --xi 1.0"; do \
+	    echo --eval $$($(ARGSE) eval $(REPRO) --gate $$($(ARGSE) train-gate $(REPRO) $$b --seed $$s --print-key) --print-key); done; done) \
+	  --baselines $$($(ARGSE) baselines $(REPRO) --print-key)
+
+clean:
+	rm -rf $(STORE) reports

@@ -1,0 +1,204 @@
+"""Pipeline files, config overrides and upstream-key resolution.
+
+A pipeline file (YAML or JSON) holds one optional section per stage. A stage's config is its
+section, then ``--set field=value`` overrides, then its own CLI options. Upstream keys are
+computed from the upstream sections (defaults where absent), so ``argse train-gate --config
+demo.yaml`` finds exactly the experts that ``argse train-expert --config demo.yaml`` wrote.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .config import DEFAULT_EXPERTS, STAGE_MODELS, StageConfig, section_name
+from .errors import ArgseError
+from .store import Store, compute_key
+
+SECTIONS = tuple(section_name(s) for s in STAGE_MODELS) + ("experts",)
+
+
+def load_file(path: str | Path | None) -> dict[str, Any]:
+    """Read a pipeline file (YAML or JSON); unknown sections are refused."""
+    if path is None:
+        return {}
+    p = Path(path)
+    if not p.is_file():
+        raise ArgseError("config", f"file {p} not found", "pass an existing YAML or JSON file")
+    text = p.read_text()
+    try:
+        if p.suffix == ".json":
+            doc = json.loads(text)
+        else:
+            import yaml
+
+            doc = yaml.safe_load(text)
+    except Exception as e:  # noqa: BLE001 - yaml/json errors -> one line
+        line = getattr(getattr(e, "problem_mark", None), "line", None)
+        where = f" (line {line + 1})" if line is not None else ""
+        raise ArgseError("config", f"{p} is not valid YAML/JSON{where}", "fix the syntax") from None
+    if doc is None:
+        return {}
+    if not isinstance(doc, dict):
+        raise ArgseError("config", f"{p} must be a mapping of sections", f"use sections {list(SECTIONS)}")
+    unknown = set(doc) - set(SECTIONS)
+    if unknown:
+        raise ArgseError(
+            f"config.{sorted(unknown)[0]}", "unknown section", f"valid sections: {', '.join(SECTIONS)}"
+        )
+    return doc
+
+
+def parse_set(items: list[str] | None) -> dict[str, Any]:
+    """``--set field=value`` (value parsed as YAML: numbers, lists, booleans)."""
+    out: dict[str, Any] = {}
+    for it in items or []:
+        if "=" not in it:
+            raise ArgseError("--set", f"{it!r} is not field=value", "write e.g. --set epochs=2")
+        k, v = it.split("=", 1)
+        import yaml
+
+        try:
+            out[k.strip()] = yaml.safe_load(v)
+        except Exception:  # noqa: BLE001
+            out[k.strip()] = v
+    return out
+
+
+def validate(stage: str, data: dict[str, Any]) -> StageConfig:
+    """Validate a stage config; a ValidationError becomes one line naming the field and the fix."""
+    from pydantic import ValidationError
+
+    model = STAGE_MODELS[stage]
+    try:
+        return model.model_validate(data)
+    except ValidationError as e:
+        err = e.errors()[0]
+        loc = ".".join(str(x) for x in err["loc"]) or "(config)"
+        field = f"{section_name(stage)}.{loc}" if err["loc"] else section_name(stage)
+        if err["type"] == "extra_forbidden":
+            fix = f"remove it; valid fields: {', '.join(model.model_fields)}"
+        elif err["type"] in ("finite_number",):
+            fix = "use a finite number"
+        else:
+            fix = f"see `argse {stage} --help` or schemas/{stage}.json"
+        msg = err["msg"].replace("\n", " ")
+        raise ArgseError(field, msg, fix) from None
+
+
+class Pipeline:
+    """Resolves every stage's config and key from one pipeline document."""
+
+    def __init__(self, doc: dict[str, Any] | None = None, store: Store | None = None):
+        self.doc = doc or {}
+        self.store = store or Store()
+        self._over: dict[str, dict[str, Any]] = {}
+
+    def override(self, stage: str, values: dict[str, Any]) -> None:
+        vals = {k: v for k, v in values.items() if v is not None}
+        self._over.setdefault(stage, {}).update(vals)
+
+    def raw(self, stage: str) -> dict[str, Any]:
+        sec = self.doc.get(section_name(stage)) or {}
+        if not isinstance(sec, dict):
+            raise ArgseError(section_name(stage), "section must be a mapping", "write field: value lines")
+        return {**sec, **self._over.get(stage, {})}
+
+    def config(self, stage: str, **extra: Any) -> StageConfig:
+        data = self.raw(stage)
+        if stage == "train-expert":
+            data.pop("losses", None)
+        data.update({k: v for k, v in extra.items() if v is not None})
+        cfg = validate(stage, data)
+        return cfg.resolved() if hasattr(cfg, "resolved") else cfg
+
+    # ---- experts -------------------------------------------------------------------------
+    def expert_losses(self) -> list[str]:
+        losses = self._over.get("train-expert", {}).get("losses")
+        if losses is None:
+            losses = (self.doc.get("train_expert") or {}).get("losses") or list(DEFAULT_EXPERTS)
+        if isinstance(losses, str):
+            losses = [s.strip() for s in losses.split(",") if s.strip()]
+        return list(losses)
+
+    # ---- keys ----------------------------------------------------------------------------
+    def split_key(self) -> str:
+        from .stages import key_of
+
+        return key_of("split", self.config("split"), {}, self.split_extra())
+
+    def split_extra(self) -> dict[str, Any]:
+        cfg = self.config("split")
+        return {"data": cached_fingerprint(self.store, cfg.dataset, cfg.data_root)}
+
+    def expert_upstream(self, loss: str) -> tuple[dict, dict]:
+        from .stages import key_of
+
+        up: dict[str, Any] = {"split": self.split_key()}
+        st = {"split": "split"}
+        if loss == "decoupled":
+            base = self.config("train-expert", loss="ce")
+            up["backbone"] = key_of("train-expert", base, {"split": up["split"]})
+            st["backbone"] = "train-expert"
+        return up, st
+
+    def expert_key(self, loss: str) -> str:
+        from .stages import key_of
+
+        up, _ = self.expert_upstream(loss)
+        return key_of("train-expert", self.config("train-expert", loss=loss), up)
+
+    def export_upstream(self) -> tuple[dict, dict]:
+        up = {"split": self.split_key(), "experts": [self.expert_key(l) for l in self.expert_losses()]}
+        return up, {"split": "split", "experts": "train-expert"}
+
+    def export_key(self) -> str:
+        from .stages import key_of
+
+        return key_of("export-logits", self.config("export-logits"), self.export_upstream()[0])
+
+    def calibrate_upstream(self) -> tuple[dict, dict]:
+        return {"export": self.export_key()}, {"export": "export-logits"}
+
+    def calibrate_key(self) -> str:
+        from .stages import key_of
+
+        return key_of("calibrate", self.config("calibrate"), self.calibrate_upstream()[0])
+
+    def gate_upstream(self) -> tuple[dict, dict]:
+        return (
+            {"export": self.export_key(), "calibrate": self.calibrate_key()},
+            {"export": "export-logits", "calibrate": "calibrate"},
+        )
+
+    def gate_key(self) -> str:
+        from .stages import key_of
+
+        return key_of("train-gate", self.config("train-gate"), self.gate_upstream()[0])
+
+
+def cached_fingerprint(store: Store, dataset: str, data_root: str) -> str:
+    """Data fingerprint, memoised on (path, size, mtime) of the files so a cache hit stays fast."""
+    from .data.cifar import _paths as data_files
+    from .data.cifar import data_fingerprint
+
+    files = data_files(dataset, Path(data_root))
+    stamp = [[str(Path(f).resolve()), os.stat(f).st_size, os.stat(f).st_mtime_ns] for f in files]
+    memo = store.root / ".fingerprints.json"
+    table: dict[str, Any] = {}
+    with contextlib.suppress(OSError, ValueError):
+        table = json.loads(memo.read_text())
+    k = json.dumps([dataset, stamp])
+    if k in table:
+        return table[k]
+    fp = data_fingerprint(dataset, Path(data_root))
+    table[k] = fp
+    with contextlib.suppress(OSError):
+        memo.parent.mkdir(parents=True, exist_ok=True)
+        tmp = memo.with_suffix(f".{os.getpid()}.tmp")
+        tmp.write_text(json.dumps(table))
+        os.replace(tmp, memo)
+    return fp

@@ -1,0 +1,98 @@
+"""Stage registry and the one runner every stage goes through.
+
+A stage module defines ``STAGE``, ``VERSION``, ``CODE`` (the files whose digest is checked
+against ``stage_digests.json``) and ``compute(cfg, inputs, out, progress)``; optionally
+``summary(meta) -> str`` and ``show(artifact, console)``. Stage modules import nothing heavy at
+module level, so computing a key and answering ``cached`` never imports torch or zarr.
+"""
+
+from __future__ import annotations
+
+import importlib
+import sys
+from types import ModuleType
+from typing import Any
+
+from ..config import StageConfig
+from ..errors import ArgseError
+from ..store import Store, compute_key
+
+STAGE_MODULES = {
+    "split": "split",
+    "train-expert": "train_expert",
+    "export-logits": "export_logits",
+    "calibrate": "calibrate",
+    "train-gate": "train_gate",
+    "eval": "evaluate",
+    "baselines": "baselines",
+    "report": "report",
+}
+
+
+def get_stage(stage: str) -> ModuleType:
+    return importlib.import_module(f"argse_cli.stages.{STAGE_MODULES[stage]}")
+
+
+def key_of(stage: str, cfg: StageConfig, upstream: dict, extra: dict | None = None) -> str:
+    mod = get_stage(stage)
+    return compute_key(stage, mod.VERSION, cfg.key_payload(), upstream, extra)
+
+
+def run_stage(
+    stage: str,
+    cfg: StageConfig,
+    upstream: dict[str, Any],
+    upstream_stages: dict[str, str],
+    store: Store,
+    *,
+    force: bool = False,
+    extra: dict | None = None,
+    quiet: bool = False,
+) -> tuple[str, bool]:
+    """Run a stage unless its artifact exists. Returns (key, computed)."""
+    mod = get_stage(stage)
+    key = compute_key(stage, mod.VERSION, cfg.key_payload(), upstream, extra)
+
+    def say(msg: str) -> None:
+        if not quiet:
+            print(msg, flush=True)
+
+    if not force and store.exists(stage, key):
+        say(f"cached {key}")
+        return key, False
+    inputs: dict[str, Any] = {}
+    for role, ref in upstream.items():
+        st = upstream_stages[role]
+        refs = ref if isinstance(ref, list) else [ref]
+        for k in refs:
+            if not store.exists(st, k):
+                raise ArgseError(
+                    f"upstream.{role}",
+                    f"missing {st} artifact {k[:12]} in {store.root}",
+                    f"run `argse {st}` with the same config first",
+                )
+        arts = [store.open(st, k) for k in refs]
+        inputs[role] = arts if isinstance(ref, list) else arts[0]
+
+    from ..progress import Progress
+
+    progress = Progress(desc=stage, quiet=quiet)
+    with store.lock(stage, key, on_wait=lambda: say(f"waiting for another writer of {key}")):
+        if not force and store.exists(stage, key):
+            say(f"cached {key}")
+            return key, False
+        with store.writer(
+            stage, key, config=cfg.key_payload(), upstream=upstream, upstream_stages=upstream_stages,
+            version=mod.VERSION, extra=extra, replace=force,
+        ) as out:
+            mod.compute(cfg, inputs, out, progress)
+        progress.close()
+    if out.published:
+        say(f"wrote {key}")
+    else:
+        say(f"cached {key}")
+    return key, out.published
+
+
+def eprint(*a: Any) -> None:
+    print(*a, file=sys.stderr, flush=True)

@@ -1,0 +1,606 @@
+"""Content-addressed artifact store: ``<root>/<stage>/<key>/`` = Zarr group + manifest + marker.
+
+Key = xxh3_128 of canonical JSON (sorted keys, no NaN) of {hash scheme, stage, stage version,
+config minus runtime-only fields, upstream keys by role (lists keep their order), extra}.
+
+Publishing is atomic: a writer fills ``<root>/<stage>/.tmp-<key>-<pid>-<rand>/`` on the same
+filesystem, writes ``manifest.json`` then the ``COMPLETE`` marker, and renames the directory to
+``<key>``. Readers refuse a directory without the marker. If another process published the same
+key first, the rename fails and the finished artifact counts as a cache hit.
+
+Array checksums are xxh3_128 over the *decoded* C-order bytes (whole array and per row-chunk),
+so a missing chunk (Zarr would silently return the fill value) or a corrupted one is detected.
+Zarr is imported lazily: a cache hit never imports it.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import fcntl
+import json
+import os
+import re
+import shutil
+import socket
+import time
+import uuid
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import xxhash
+
+from .errors import ArgseError, IntegrityError
+
+HASH_SCHEME = 1
+MARKER = "COMPLETE"
+MANIFEST = "manifest.json"
+DATA = "data.zarr"
+FILES = "files"
+_NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
+_KEY_RE = re.compile(r"^[0-9a-f]{4,32}$")
+
+
+def canonical_json(obj: Any) -> str:
+    """Sorted keys, compact separators, NaN/inf refused."""
+    return json.dumps(obj, sort_keys=True, separators=(",", ":"), allow_nan=False, ensure_ascii=False)
+
+
+def compute_key(
+    stage: str, version: int, config: dict, upstream: dict | None = None, extra: dict | None = None
+) -> str:
+    """xxh3_128 hex of the canonical JSON of everything that determines the artifact."""
+    payload = {
+        "scheme": HASH_SCHEME,
+        "stage": stage,
+        "stage_version": version,
+        "config": config,
+        "upstream": upstream or {},
+        "extra": extra or {},
+    }
+    return xxhash.xxh3_128_hexdigest(canonical_json(payload).encode())
+
+
+def default_root() -> Path:
+    return Path(os.environ.get("ARGSE_STORE", "./artifacts"))
+
+
+def safe_name(name: str, what: str = "name") -> str:
+    """Array / file names: no absolute paths, no '..', a restricted alphabet."""
+    if not _NAME_RE.match(name) or any(p in ("..", ".") for p in name.split("/")):
+        raise IntegrityError(what, f"refusing unsafe path {name!r}", "artifact names stay inside the store")
+    return name
+
+
+def _inside(base: Path, p: Path) -> Path:
+    rp = p.resolve()
+    if not rp.is_relative_to(base.resolve()):
+        raise IntegrityError("path", f"{p} resolves outside the store", "remove the crafted manifest")
+    return rp
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _fsync_dir(path: Path) -> None:
+    with contextlib.suppress(OSError):
+        fd = os.open(path, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+
+
+class _Hasher:
+    """Whole-array and per-row-chunk xxh3_128 over decoded C-order bytes."""
+
+    def __init__(self) -> None:
+        self.whole = xxhash.xxh3_128()
+        self.chunks: list[str] = []
+
+    def add(self, block: Any) -> None:
+        import numpy as np
+
+        b = np.ascontiguousarray(block).tobytes()
+        self.whole.update(b)
+        self.chunks.append(xxhash.xxh3_128_hexdigest(b))
+
+
+class RowWriter:
+    """Append rows to a Zarr array; writes are buffered to whole row chunks."""
+
+    def __init__(self, zarr_array: Any, hasher: _Hasher, chunk_rows: int):
+        self._a, self._h, self._cr = zarr_array, hasher, chunk_rows
+        self._buf: list[Any] = []
+        self._nbuf = 0
+        self._next = 0
+
+    def append(self, block: Any) -> None:
+        import numpy as np
+
+        block = np.asarray(block, dtype=self._a.dtype)
+        self._buf.append(block)
+        self._nbuf += len(block)
+        while self._nbuf >= self._cr:
+            self._flush(self._cr)
+
+    def _flush(self, n: int) -> None:
+        import numpy as np
+
+        data = np.concatenate(self._buf) if len(self._buf) > 1 else self._buf[0]
+        out, rest = data[:n], data[n:]
+        self._a[self._next : self._next + n] = out
+        self._h.add(out)
+        self._next += n
+        self._buf = [rest] if len(rest) else []
+        self._nbuf = len(rest)
+
+    def close(self) -> None:
+        if self._nbuf:
+            self._flush(self._nbuf)
+        if self._next != self._a.shape[0]:
+            raise IntegrityError(
+                "rows", f"wrote {self._next} of {self._a.shape[0]} rows", "report this bug"
+            )
+
+
+class Writer:
+    """Fills a temp artifact directory; :meth:`Store.writer` publishes it."""
+
+    def __init__(self, tmp: Path):
+        self.tmp = tmp
+        self.meta: dict[str, Any] = {}
+        self._arrays: dict[str, dict] = {}
+        self._hashers: dict[str, _Hasher] = {}
+        self._row_writers: list[RowWriter] = []
+        self._files: dict[str, str] = {}
+        self._group = None
+        self.published = False
+
+    def _zgroup(self, name: str):
+        import zarr
+
+        if self._group is None:
+            self._group = zarr.open_group(str(self.tmp / DATA), mode="w")
+        parts = safe_name(name, "array").split("/")
+        g = self._group
+        for p in parts[:-1]:
+            g = g.require_group(p)
+        return g, parts[-1]
+
+    def _create(self, name: str, shape: tuple, dtype: Any, chunk_rows: int | None) -> Any:
+        import numpy as np
+
+        g, leaf = self._zgroup(name)
+        shape = tuple(int(s) for s in shape)
+        cr = int(chunk_rows or max(1, shape[0] if shape else 1))
+        cr = max(1, min(cr, shape[0])) if shape and shape[0] > 0 else 1
+        chunks = (cr, *shape[1:]) if shape else ()
+        arr = g.create_array(leaf, shape=shape, dtype=np.dtype(dtype), chunks=chunks or None, fill_value=0)
+        self._arrays[name] = {
+            "shape": list(shape),
+            "dtype": np.dtype(dtype).str,
+            "chunk_rows": cr if shape else 0,
+        }
+        return arr, cr
+
+    def array(self, name: str, data: Any, chunk_rows: int | None = None) -> None:
+        """Store a whole numpy array (chunked by rows: ``chunk_rows`` or one chunk)."""
+        import numpy as np
+
+        data = np.asarray(data)
+        if data.dtype == object:
+            raise TypeError(f"array {name}: object arrays are not stored")
+        arr, cr = self._create(name, data.shape, data.dtype, chunk_rows)
+        h = _Hasher()
+        if data.ndim == 0:
+            arr[...] = data
+            h.add(data)
+        else:
+            arr[:] = data
+            for s in range(0, max(len(data), 1), cr):
+                h.add(data[s : s + cr])
+        self._hashers[name] = h
+
+    def rows(self, name: str, shape: tuple, dtype: Any, chunk_rows: int) -> RowWriter:
+        """Stream an array row-block by row-block (buffered to whole chunks)."""
+        arr, cr = self._create(name, shape, dtype, chunk_rows)
+        h = _Hasher()
+        self._hashers[name] = h
+        rw = RowWriter(arr, h, cr)
+        self._row_writers.append(rw)
+        return rw
+
+    def json(self, name: str, obj: Any) -> None:
+        """A JSON side file (metrics, indices), checksummed in the manifest."""
+        p = self.file_path(name)
+        p.write_text(json.dumps(obj, indent=2, sort_keys=True, allow_nan=False))
+
+    def file_path(self, name: str) -> Path:
+        """Path for an arbitrary side file (figure, weights, LaTeX); checksummed at publish."""
+        safe_name(name, "file")
+        p = self.tmp / FILES / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        self._files[name] = ""
+        return p
+
+    def finalize(self) -> dict:
+        for rw in self._row_writers:
+            rw.close()
+        arrays = {}
+        for name, info in self._arrays.items():
+            h = self._hashers[name]
+            arrays[name] = {**info, "xxh3": h.whole.hexdigest(), "chunk_xxh3": h.chunks}
+        files = {}
+        for name in self._files:
+            p = self.tmp / FILES / name
+            if p.exists():
+                files[name] = xxhash.xxh3_128_hexdigest(p.read_bytes())
+        return {"arrays": arrays, "files": files}
+
+
+def _versions() -> dict[str, str]:
+    from importlib import metadata
+
+    out = {}
+    for pkg in ("argse", "numpy", "torch", "torchvision", "zarr", "pydantic", "xxhash", "scipy"):
+        with contextlib.suppress(metadata.PackageNotFoundError):
+            out[pkg] = metadata.version(pkg)
+    return out
+
+
+def _git_state() -> dict[str, Any]:
+    import subprocess
+
+    here = Path(__file__).resolve().parent
+    try:
+        commit = subprocess.run(
+            ["git", "rev-parse", "HEAD"], cwd=here, capture_output=True, text=True, timeout=5
+        ).stdout.strip()
+        dirty = bool(
+            subprocess.run(
+                ["git", "status", "--porcelain", "--untracked-files=no"],
+                cwd=here, capture_output=True, text=True, timeout=5,
+            ).stdout.strip()
+        )
+    except (OSError, subprocess.SubprocessError):
+        return {"commit": None, "dirty": None}
+    return {"commit": commit or None, "dirty": dirty if commit else None}
+
+
+@dataclass
+class Artifact:
+    """A published, complete artifact (read-only)."""
+
+    store: Store
+    stage: str
+    key: str
+    path: Path
+    manifest: dict
+
+    @property
+    def config(self) -> dict:
+        return self.manifest["config"]
+
+    @property
+    def meta(self) -> dict:
+        return self.manifest.get("meta", {})
+
+    @property
+    def upstream_keys(self) -> dict:
+        return self.manifest.get("upstream", {})
+
+    def upstream(self, role: str) -> Artifact | list[Artifact]:
+        ref = self.upstream_keys[role]
+        stage = self.manifest.get("upstream_stages", {}).get(role)
+        if isinstance(ref, list):
+            return [self.store.open(stage, k) for k in ref]
+        return self.store.open(stage, ref)
+
+    def array_names(self) -> list[str]:
+        return list(self.manifest["arrays"])
+
+    def _info(self, name: str) -> dict:
+        try:
+            return self.manifest["arrays"][name]
+        except KeyError:
+            raise IntegrityError(
+                f"{self.stage}/{self.key[:12]}:{name}", "no such array", f"arrays: {self.array_names()}"
+            ) from None
+
+    def zarr(self, name: str) -> Any:
+        import zarr
+
+        safe_name(name, "array")
+        _inside(self.path, self.path / DATA / name)
+        try:
+            return zarr.open_array(str(self.path / DATA / name), mode="r")
+        except Exception as e:  # noqa: BLE001 - any decode/open failure is an integrity error
+            raise IntegrityError(
+                f"{self.stage}/{self.key[:12]}:{name}", f"cannot open array ({e.__class__.__name__})",
+                f"run `argse verify {self.key[:12]}` and recompute with --force",
+            ) from e
+
+    def _fail(self, name: str, what: str) -> IntegrityError:
+        return IntegrityError(
+            f"{self.stage}/{self.key[:12]}:{name}", what,
+            f"the artifact is corrupted; recompute it with --force (argse verify {self.key[:12]})",
+        )
+
+    def array(self, name: str, verify: bool = True) -> Any:
+        """The whole array as numpy, checksum-verified (missing/corrupt chunks are errors)."""
+        import numpy as np
+
+        info = self._info(name)
+        try:
+            data = np.asarray(self.zarr(name)[...])
+        except IntegrityError:
+            raise
+        except Exception as e:  # noqa: BLE001
+            raise self._fail(name, f"unreadable chunk ({e.__class__.__name__})") from e
+        if verify:
+            self._check_chunks(name, np.ascontiguousarray(data), info)
+        return data
+
+    def _check_chunks(self, name: str, data: Any, info: dict) -> None:
+        import numpy as np
+
+        cr = info["chunk_rows"]
+        if list(data.shape) != info["shape"] or data.dtype != np.dtype(info["dtype"]):
+            raise self._fail(name, "shape/dtype differ from the manifest")
+        h = xxhash.xxh3_128()
+        if data.ndim == 0:
+            h.update(data.tobytes())
+        else:
+            for i, s in enumerate(range(0, max(len(data), 1), cr)):
+                b = np.ascontiguousarray(data[s : s + cr]).tobytes()
+                if xxhash.xxh3_128_hexdigest(b) != info["chunk_xxh3"][i]:
+                    raise self._fail(name, f"row chunk {i} (rows {s}..{s + cr - 1}) fails its checksum")
+                h.update(b)
+        if h.hexdigest() != info["xxh3"]:
+            raise self._fail(name, "checksum mismatch")
+
+    def iter_chunks(self, name: str, order: Any = None) -> Iterator[tuple[int, Any]]:
+        """Yield (row_start, block) one stored row chunk at a time, each checksum-verified."""
+        import numpy as np
+
+        info = self._info(name)
+        z = self.zarr(name)
+        cr, n = info["chunk_rows"], info["shape"][0]
+        n_chunks = (n + cr - 1) // cr
+        for i in range(n_chunks) if order is None else order:
+            s = int(i) * cr
+            try:
+                block = np.ascontiguousarray(z[s : min(s + cr, n)])
+            except Exception as e:  # noqa: BLE001
+                raise self._fail(name, f"unreadable row chunk {i}") from e
+            if xxhash.xxh3_128_hexdigest(block.tobytes()) != info["chunk_xxh3"][i]:
+                raise self._fail(name, f"row chunk {i} (rows {s}..) fails its checksum")
+            yield s, block
+
+    def n_chunks(self, name: str) -> int:
+        info = self._info(name)
+        return (info["shape"][0] + info["chunk_rows"] - 1) // info["chunk_rows"]
+
+    def json(self, name: str) -> Any:
+        return json.loads(self.file(name).read_text())
+
+    def file(self, name: str) -> Path:
+        safe_name(name, "file")
+        p = _inside(self.path, self.path / FILES / name)
+        want = self.manifest.get("files", {}).get(name)
+        if want is None or not p.exists():
+            raise IntegrityError(f"{self.stage}/{self.key[:12]}:{name}", "missing file", "recompute with --force")
+        return p
+
+    def verify(self) -> list[str]:
+        """Recompute every checksum; return a list of problems (empty = intact)."""
+        problems = []
+        for name in self.manifest["arrays"]:
+            try:
+                self.array(name, verify=True)
+            except IntegrityError as e:
+                problems.append(str(e))
+        for name, digest in self.manifest.get("files", {}).items():
+            p = self.path / FILES / name
+            if not p.exists():
+                problems.append(f"{name}: missing file")
+            elif xxhash.xxh3_128_hexdigest(p.read_bytes()) != digest:
+                problems.append(f"{name}: file checksum mismatch")
+        return problems
+
+
+class Store:
+    """The artifact store rooted at ``root`` (``--store`` / ``ARGSE_STORE`` / ``./artifacts``)."""
+
+    def __init__(self, root: str | Path | None = None):
+        self.root = Path(root) if root is not None else default_root()
+
+    def dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def exists(self, stage: str, key: str) -> bool:
+        return (self.dir(stage, key) / MARKER).is_file()
+
+    def open(self, stage: str | None, key: str) -> Artifact:
+        """Open a complete artifact by stage and key (or key prefix; stage may be None)."""
+        if stage is None or not self.exists(stage, key):
+            stage, key = self.resolve(key, stage)
+        d = self.dir(stage, key)
+        try:
+            manifest = json.loads((d / MANIFEST).read_text())
+        except (OSError, ValueError) as e:
+            raise IntegrityError(f"{stage}/{key[:12]}", "unreadable manifest", "recompute with --force") from e
+        for name in manifest.get("arrays", {}):
+            safe_name(name, "array")
+        for name in manifest.get("files", {}):
+            safe_name(name, "file")
+        return Artifact(self, stage, key, d, manifest)
+
+    def resolve(self, key: str, stage: str | None = None) -> tuple[str, str]:
+        """Find the complete artifact whose key starts with ``key``."""
+        if not _KEY_RE.match(key or ""):
+            raise ArgseError("key", f"{key!r} is not an artifact key", "use a hex key from `argse ls`")
+        hits = []
+        stages = [stage] if stage else sorted(p.name for p in self.root.glob("*") if p.is_dir())
+        for st in stages:
+            for d in (self.root / st).glob(f"{key}*"):
+                if (d / MARKER).is_file():
+                    hits.append((st, d.name))
+        if not hits:
+            where = f"{stage} " if stage else ""
+            raise ArgseError(
+                "key", f"no complete {where}artifact {key} in {self.root}",
+                "run the upstream stage first (or pass --store)",
+            )
+        if len(hits) > 1:
+            raise ArgseError("key", f"prefix {key} is ambiguous ({len(hits)} matches)", "give more digits")
+        return hits[0]
+
+    @contextlib.contextmanager
+    def lock(self, stage: str, key: str, on_wait=None) -> Iterator[None]:
+        """Exclusive per-key lock (flock): concurrent writers of one key run one at a time."""
+        d = self.root / stage / ".locks"
+        d.mkdir(parents=True, exist_ok=True)
+        with open(d / f"{key}.lock", "a+") as fh:
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                if on_wait:
+                    on_wait()
+                fcntl.flock(fh, fcntl.LOCK_EX)
+            try:
+                yield
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+
+    @contextlib.contextmanager
+    def writer(
+        self, stage: str, key: str, *, config: dict, upstream: dict, upstream_stages: dict,
+        version: int, extra: dict | None = None, replace: bool = False,
+    ) -> Iterator[Writer]:
+        """Write into a temp dir; on success publish atomically; on error remove the temp dir.
+
+        After the block, ``writer.published`` is True if this process published the artifact,
+        False if another process had already published it (a cache hit).
+        """
+        base = self.root / stage
+        base.mkdir(parents=True, exist_ok=True)
+        tmp = base / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        tmp.mkdir()
+        (tmp / "writer.json").write_text(
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+        )
+        w = Writer(tmp)
+        t0 = time.time()
+        try:
+            yield w
+            sums = w.finalize()
+            manifest = {
+                "stage": stage,
+                "key": key,
+                "stage_version": version,
+                "hash_scheme": HASH_SCHEME,
+                "config": config,
+                "upstream": upstream,
+                "upstream_stages": upstream_stages,
+                "extra": extra or {},
+                "versions": _versions(),
+                "git": _git_state(),
+                "created": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+                "duration_s": round(time.time() - t0, 3),
+                "meta": w.meta,
+                **sums,
+            }
+            (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
+            (tmp / "writer.json").unlink()
+            with open(tmp / MARKER, "w") as fh:
+                fh.write(key)
+                fh.flush()
+                os.fsync(fh.fileno())
+            _fsync_dir(tmp)
+            final = self.dir(stage, key)
+            try:
+                if replace and final.exists():
+                    old = base / f".old-{key}-{uuid.uuid4().hex[:8]}"
+                    os.rename(final, old)  # --force: swap only once the new one is complete
+                    os.rename(tmp, final)
+                    shutil.rmtree(old, ignore_errors=True)
+                else:
+                    os.rename(tmp, final)
+                w.published = True
+            except OSError:
+                if not self.exists(stage, key):
+                    raise
+                w.published = False  # a concurrent finisher won: a cache hit
+                shutil.rmtree(tmp, ignore_errors=True)
+            _fsync_dir(base)
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+
+    def list(self) -> list[Artifact]:
+        out = []
+        if not self.root.exists():
+            return out
+        for stage_dir in sorted(p for p in self.root.iterdir() if p.is_dir()):
+            for d in sorted(stage_dir.iterdir()):
+                if d.name.startswith(".") or not (d / MARKER).is_file():
+                    continue
+                with contextlib.suppress(IntegrityError, ArgseError):
+                    out.append(self.open(stage_dir.name, d.name))
+        return out
+
+    def temp_dirs(self) -> list[Path]:
+        if not self.root.exists():
+            return []
+        return sorted(self.root.glob("*/.tmp-*"))
+
+    def gc(self, max_age_s: float = 24 * 3600, keep: list[str] | None = None, dry_run: bool = False) -> list[str]:
+        """Remove temp dirs whose writer is gone (or older than ``max_age_s``), never a live writer's.
+
+        With ``keep`` (keys), also remove complete artifacts not reachable from those keys.
+        """
+        removed = []
+        host = socket.gethostname()
+        for tmp in self.temp_dirs():
+            info_p = tmp / "writer.json"
+            try:
+                info = json.loads(info_p.read_text())
+            except (OSError, ValueError):
+                info = {}
+            live = info.get("host") == host and _pid_alive(int(info.get("pid", -1)))
+            age = time.time() - float(info.get("started", tmp.stat().st_mtime))
+            if live:
+                continue  # never remove a live writer's temp dir, however old
+            if not info or info.get("host") == host or age > max_age_s:
+                removed.append(str(tmp))
+                if not dry_run:
+                    shutil.rmtree(tmp, ignore_errors=True)
+        if keep is not None:
+            reach: set[str] = set()
+            todo = [self.open(None, k) for k in keep]
+            while todo:
+                a = todo.pop()
+                if a.key in reach:
+                    continue
+                reach.add(a.key)
+                for role, ref in a.upstream_keys.items():
+                    st = a.manifest.get("upstream_stages", {}).get(role)
+                    for k in ref if isinstance(ref, list) else [ref]:
+                        with contextlib.suppress(ArgseError):
+                            todo.append(self.open(st, k))
+            for a in self.list():
+                if a.key not in reach:
+                    removed.append(str(a.path))
+                    if not dry_run:
+                        shutil.rmtree(a.path, ignore_errors=True)
+        return removed
