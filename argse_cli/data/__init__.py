@@ -1,0 +1,1 @@
+"""Data layer: CIFAR loading, long-tailed subsampling, class groups and splits (numpy only)."""
