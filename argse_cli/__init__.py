@@ -1,0 +1,35 @@
+"""argse: selective classification on long-tailed data (AR-GSE).
+
+Public Python API (numpy in, numpy out; torch tensors accepted too), loaded lazily so that the
+CLI's cache check stays fast:
+
+- ``plugin_predict(eta, alpha, class_to_group, beta=None)``
+- ``plugin_margin(eta, alpha, mu, c, class_to_group, beta=None)``
+- ``build_gating_features(posteriors)``
+- ``selective_metrics(...)``, ``rc_curve(...)``, ``aurc(...)``
+"""
+
+from __future__ import annotations
+
+from importlib import import_module
+from typing import Any
+
+__version__ = "0.1.0"
+
+_API = {
+    "plugin_predict": "argse_cli.rejector",
+    "plugin_margin": "argse_cli.rejector",
+    "chow_margin": "argse_cli.rejector",
+    "acceptance_prob": "argse_cli.rejector",
+    "build_gating_features": "argse_cli.nn.gate",
+    "selective_metrics": "argse_cli.metrics",
+    "rc_curve": "argse_cli.metrics",
+    "aurc": "argse_cli.metrics",
+}
+__all__ = sorted(_API)
+
+
+def __getattr__(name: str) -> Any:
+    if name in _API:
+        return getattr(import_module(_API[name]), name)
+    raise AttributeError(f"module 'argse_cli' has no attribute {name!r}")
