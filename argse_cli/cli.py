@@ -53,11 +53,17 @@ def handled(fn):
     return wrapper
 
 
-def _pipeline(config: Path | None, store: Path | None):
+def _pipeline(config: Path | None, store: Path | None, dry: bool = False):
     from .pipeline import Pipeline, load_file
     from .store import Store
 
-    return Pipeline(load_file(config), Store(store))
+    # dry (--print-config / --print-key): nothing may be written, not even the fingerprint memo
+    return Pipeline(load_file(config), Store(store), memo=not dry)
+
+
+def _update_given(over: dict[str, Any], **opts: Any) -> None:
+    """Put the command's own options over the --set values, skipping those not given (None)."""
+    over.update({k: v for k, v in opts.items() if v is not None})
 
 
 def _emit(stage: str, cfg: Any, key: str, print_config: bool, print_key: bool) -> bool:
@@ -93,9 +99,9 @@ def split(
     """Long-tailed subset, class->group map and leak-free splits of CIFAR-10/100."""
     from .pipeline import parse_set
 
-    p = _pipeline(config, store)
+    p = _pipeline(config, store, dry=print_config or print_key)
     over: dict[str, Any] = parse_set(set_)
-    over.update(dataset=dataset, imbalance_factor=imbalance_factor, seed=seed, protocol=protocol,
+    _update_given(over, dataset=dataset, imbalance_factor=imbalance_factor, seed=seed, protocol=protocol,
                 group_rule=group_rule, download=download,
                 data_root=str(data_root) if data_root else None)
     if fractions is not None:
@@ -154,9 +160,9 @@ def train_expert(
     from .pipeline import parse_set
     from .stages import run_stage
 
-    p = _pipeline(config, store)
+    p = _pipeline(config, store, dry=print_config or print_key)
     over = parse_set(set_)
-    over.update(depth=depth, epochs=epochs, batch_size=batch_size, lr=lr, aug=aug, device=device,
+    _update_given(over, depth=depth, epochs=epochs, batch_size=batch_size, lr=lr, aug=aug, device=device,
                 precision=precision, compile=compile_, seed=seed)
     if loss:
         over["losses"] = loss
@@ -194,9 +200,9 @@ def export_logits(
     from .pipeline import parse_set
     from .stages import key_of, run_stage
 
-    p = _pipeline(config, store)
+    p = _pipeline(config, store, dry=print_config or print_key)
     over = parse_set(set_)
-    over.update(chunk_rows=chunk_rows, include_train=include_train)
+    _update_given(over, chunk_rows=chunk_rows, include_train=include_train)
     p.override("export-logits", over)
     if loss:
         p.override("train-expert", {"losses": loss})
@@ -226,9 +232,9 @@ def calibrate(
     from .pipeline import parse_set
     from .stages import key_of, run_stage
 
-    p = _pipeline(config, store)
+    p = _pipeline(config, store, dry=print_config or print_key)
     over = parse_set(set_)
-    over.update(view=view, posterior=posterior)
+    _update_given(over, view=view, posterior=posterior)
     p.override("calibrate", over)
     cfg = p.config("calibrate")
     up, st = p.calibrate_upstream()
@@ -243,7 +249,7 @@ def _gate_overrides(p, set_, beta, xi, c, epochs, seed, view, uniform_gate, hard
     from .pipeline import parse_set
 
     over = parse_set(set_)
-    over.update(beta=beta, xi=xi, c=c, epochs=epochs, seed=seed, view=view, uniform_gate=uniform_gate,
+    _update_given(over, beta=beta, xi=xi, c=c, epochs=epochs, seed=seed, view=view, uniform_gate=uniform_gate,
                 hard_routing=hard_routing)
     p.override("train-gate", over)
 
@@ -270,7 +276,7 @@ def train_gate(
     """Train the gating network and the AR-GSE rejector (alpha, mu) primal-dual."""
     from .stages import key_of, run_stage
 
-    p = _pipeline(config, store)
+    p = _pipeline(config, store, dry=print_config or print_key)
     _gate_overrides(p, set_, beta, xi, c, epochs, seed, view, uniform_gate, hard_routing)
     cfg = p.config("train-gate")
     up, st = p.gate_upstream()
@@ -299,9 +305,9 @@ def eval_(
     from .pipeline import parse_set
     from .stages import key_of, run_stage
 
-    p = _pipeline(config, store)
+    p = _pipeline(config, store, dry=print_config or print_key)
     over = parse_set(set_)
-    over.update(n_boot=n_boot, seed=seed)
+    _update_given(over, n_boot=n_boot, seed=seed)
     p.override("eval", over)
     cfg = p.config("eval")
     gkey = p.store.resolve(gate, "train-gate")[1] if gate else p.gate_key()
@@ -332,16 +338,17 @@ def baselines(
     from .pipeline import parse_set
     from .stages import key_of, run_stage
 
-    p = _pipeline(config, store)
+    p = _pipeline(config, store, dry=print_config or print_key)
     over = parse_set(set_)
-    over.update(c=c, n_boot=n_boot)
+    _update_given(over, c=c, n_boot=n_boot)
     if seeds:
         over["seeds"] = [int(s) for s in seeds.split(",")]
     p.override("baselines", over)
     cfg = p.config("baselines")
     gkey = p.store.resolve(gate, "train-gate")[1] if gate else p.gate_key()
-    up = {"export": p.export_key(), "calibrate": p.calibrate_key(), "gate": gkey}
-    st = {"export": "export-logits", "calibrate": "calibrate", "gate": "train-gate"}
+    est, ekey = p.export_ref()
+    up = {"export": ekey, "calibrate": p.calibrate_key(), "gate": gkey}
+    st = {"export": est, "calibrate": "calibrate", "gate": "train-gate"}
     key = key_of("baselines", cfg, up)
     if _emit("baselines", cfg, key, print_config, print_key):
         return
@@ -367,7 +374,7 @@ def report(
     from .pipeline import parse_set
     from .stages import key_of, run_stage
 
-    p = _pipeline(config, store)
+    p = _pipeline(config, store, dry=print_config or print_key)
     p.override("report", parse_set(set_))
     cfg = p.config("report")
     evals = [p.store.resolve(k, "eval")[1] for k in eval_keys or []]

@@ -84,8 +84,16 @@ class SplitConfig(StageConfig):
     @field_validator("group_rule")
     @classmethod
     def _rule(cls, v: str | None) -> str | None:
-        if v is not None and not _GROUP_RE.match(v):
+        if v is not None and not _GROUP_RE.fullmatch(v):
             raise ValueError("must look like threshold:20 or quantile:0.5 (or quantile:0.3,0.7)")
+        if v is not None:  # the stage's own parser: refuse here what compute would refuse later
+            from .data.groups import parse_group_rule
+            from .errors import ArgseError
+
+            try:
+                parse_group_rule(v)
+            except ArgseError as e:
+                raise ValueError(f"{e.problem}; {e.fix}") from None
         return v
 
     @model_validator(mode="after")
@@ -124,7 +132,7 @@ class TrainExpertConfig(StageConfig):
     @field_validator("loss")
     @classmethod
     def _loss(cls, v: str) -> str:
-        if not _LOSS_RE.match(v):
+        if not _LOSS_RE.fullmatch(v):
             raise ValueError("must be ce, balsoftmax, logitadjust:TAU (e.g. logitadjust:2) or decoupled")
         return v
 
@@ -180,7 +188,6 @@ class TrainGateConfig(StageConfig):
     uniform_gate: bool = Field(False, description="freeze the gate at w = 1/E (ablation)")
     hidden: tuple[int, ...] = (128, 64)
     dropout: float = Field(0.1, ge=0, lt=1)
-    projection_dim: int = Field(0, ge=0, le=256)
     patience: int = Field(15, ge=1)
     view: Literal["lt", "bal"] = "lt"
     experts: tuple[int, ...] | None = Field(None, description="subset of expert indices (ablation)")
@@ -221,6 +228,54 @@ class ReportConfig(StageConfig):
     title: str = "AR-GSE"
 
 
+class ExpertSource(BaseModel):
+    """One imported expert: its training loss and a logits file per held-out split."""
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+    name: str = Field(min_length=1)
+    loss: str = Field(description="ce | balsoftmax | logitadjust:TAU (how it was trained)")
+    logits: dict[str, str] = Field(description="split -> file (.npy, .npz[:key], .safetensors[:key], .zarr, .pt)")
+
+    @field_validator("loss")
+    @classmethod
+    def _loss(cls, v: str) -> str:
+        if not _LOSS_RE.match(v) or v == "decoupled":
+            raise ValueError("must be ce, balsoftmax or logitadjust:TAU")
+        return v
+
+
+class ImportLogitsConfig(StageConfig):
+    """`argse import-logits`: experts trained elsewhere, as split-like + export-like artifacts.
+
+    File paths are runtime-only; the key holds the files' content fingerprints instead.
+    """
+
+    experts: tuple[ExpertSource, ...] = Field(min_length=1)
+    labels: dict[str, str] = Field(description="split -> labels file (.npy / .npz[:key] / .json)")
+    class_counts: str = Field(description="training class counts: JSON list or CSV")
+    class_to_group: str | None = Field(None, description="optional class -> group file; else group_rule")
+    group_rule: str = "threshold:20"
+    weights: dict[str, str] | None = Field(None, description="optional split -> w_lt file; else from counts")
+    chunk_rows: int = Field(4096, ge=16)
+    seed: int = Field(0, ge=0)
+
+    @field_validator("group_rule")
+    @classmethod
+    def _rule(cls, v: str) -> str:
+        if not _GROUP_RE.match(v):
+            raise ValueError("must look like threshold:20 or quantile:0.5 (or quantile:0.3,0.7)")
+        return v
+
+    def key_payload(self) -> dict[str, Any]:
+        d = self.model_dump(mode="json")
+        d["experts"] = [{"name": e["name"], "loss": e["loss"], "splits": sorted(e["logits"])} for e in d["experts"]]
+        for k in ("labels", "weights"):
+            d[k] = sorted(d[k]) if d[k] else d[k]
+        d["class_counts"] = "file"
+        d["class_to_group"] = "file" if d["class_to_group"] else None
+        return d
+
+
 STAGE_MODELS: dict[str, type[StageConfig]] = {
     "split": SplitConfig,
     "train-expert": TrainExpertConfig,
@@ -230,6 +285,7 @@ STAGE_MODELS: dict[str, type[StageConfig]] = {
     "eval": EvalConfig,
     "baselines": BaselinesConfig,
     "report": ReportConfig,
+    "import-logits": ImportLogitsConfig,
 }
 
 

@@ -16,9 +16,9 @@ from typing import Any
 
 from .config import DEFAULT_EXPERTS, STAGE_MODELS, StageConfig, section_name
 from .errors import ArgseError
-from .store import Store, compute_key
+from .store import Store
 
-SECTIONS = tuple(section_name(s) for s in STAGE_MODELS) + ("experts",)
+SECTIONS = tuple(section_name(s) for s in STAGE_MODELS)
 
 
 def load_file(path: str | Path | None) -> dict[str, Any]:
@@ -92,9 +92,12 @@ def validate(stage: str, data: dict[str, Any]) -> StageConfig:
 class Pipeline:
     """Resolves every stage's config and key from one pipeline document."""
 
-    def __init__(self, doc: dict[str, Any] | None = None, store: Store | None = None):
+    def __init__(
+        self, doc: dict[str, Any] | None = None, store: Store | None = None, memo: bool = True
+    ):
         self.doc = doc or {}
         self.store = store or Store()
+        self.memo = memo  # False: never write the fingerprint memo (--print-config / --print-key)
         self._over: dict[str, dict[str, Any]] = {}
 
     def override(self, stage: str, values: dict[str, Any]) -> None:
@@ -132,7 +135,7 @@ class Pipeline:
 
     def split_extra(self) -> dict[str, Any]:
         cfg = self.config("split")
-        return {"data": cached_fingerprint(self.store, cfg.dataset, cfg.data_root)}
+        return {"data": cached_fingerprint(self.store, cfg.dataset, cfg.data_root, write=self.memo)}
 
     def expert_upstream(self, loss: str) -> tuple[dict, dict]:
         from .stages import key_of
@@ -160,8 +163,22 @@ class Pipeline:
 
         return key_of("export-logits", self.config("export-logits"), self.export_upstream()[0])
 
+    def import_key(self) -> str:
+        from .stages import key_of
+        from .stages.import_logits import key_extra
+
+        cfg = self.config("import-logits")
+        return key_of("import-logits", cfg, {}, key_extra(cfg))
+
+    def export_ref(self) -> tuple[str, str]:
+        """(stage, key) of the logits: `import-logits` when the file has that section."""
+        if "import_logits" in self.doc:
+            return "import-logits", self.import_key()
+        return "export-logits", self.export_key()
+
     def calibrate_upstream(self) -> tuple[dict, dict]:
-        return {"export": self.export_key()}, {"export": "export-logits"}
+        st, k = self.export_ref()
+        return {"export": k}, {"export": st}
 
     def calibrate_key(self) -> str:
         from .stages import key_of
@@ -169,10 +186,8 @@ class Pipeline:
         return key_of("calibrate", self.config("calibrate"), self.calibrate_upstream()[0])
 
     def gate_upstream(self) -> tuple[dict, dict]:
-        return (
-            {"export": self.export_key(), "calibrate": self.calibrate_key()},
-            {"export": "export-logits", "calibrate": "calibrate"},
-        )
+        st, k = self.export_ref()
+        return {"export": k, "calibrate": self.calibrate_key()}, {"export": st, "calibrate": "calibrate"}
 
     def gate_key(self) -> str:
         from .stages import key_of
@@ -180,7 +195,7 @@ class Pipeline:
         return key_of("train-gate", self.config("train-gate"), self.gate_upstream()[0])
 
 
-def cached_fingerprint(store: Store, dataset: str, data_root: str) -> str:
+def cached_fingerprint(store: Store, dataset: str, data_root: str, write: bool = True) -> str:
     """Data fingerprint, memoised on (path, size, mtime) of the files so a cache hit stays fast."""
     from .data.cifar import _paths as data_files
     from .data.cifar import data_fingerprint
@@ -195,6 +210,8 @@ def cached_fingerprint(store: Store, dataset: str, data_root: str) -> str:
     if k in table:
         return table[k]
     fp = data_fingerprint(dataset, Path(data_root))
+    if not write:
+        return fp
     table[k] = fp
     with contextlib.suppress(OSError):
         memo.parent.mkdir(parents=True, exist_ok=True)

@@ -26,6 +26,7 @@ STAGE_MODULES = {
     "eval": "evaluate",
     "baselines": "baselines",
     "report": "report",
+    "import-logits": "import_logits",
 }
 
 

@@ -1,0 +1,105 @@
+"""Stage `calibrate`: one temperature T_e per expert, fitted on val_small.
+
+Posterior of expert e on the training prior (the plug-in rule assumes eta = P_train(y|x)):
+    p_e = softmax((f_e + shift_e * log pi) / T_e),   shift_e = tau_e
+(tau = 0 for ce, 1 for balsoftmax and decoupled, TAU for logitadjust:TAU). With
+``posterior: balanced`` (ablation) shift_e = tau_e - 1, i.e. every expert's balanced posterior.
+T_e minimises the importance-weighted NLL (target view long-tailed by default) over log T.
+Temperatures are applied at read time (:func:`apply_calibration`), so recalibrating never needs a
+re-export.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STAGE = "calibrate"
+VERSION = 1
+CODE = ("stages/calibrate.py", "experts/calibration.py", "experts/posterior.py", "metrics/calibration.py")
+
+
+def log_prior(export_art: Any) -> Any:
+    import numpy as np
+
+    counts = export_art.array("class_counts").astype(np.float64)
+    return np.log(counts / counts.sum()).astype(np.float32)
+
+
+def apply_calibration(logits: Any, log_pi: Any, shift: Any, T: Any) -> Any:
+    """p[n, e, :] = softmax((f[n, e, :] + shift_e * log pi) / T_e), float32 (fp16 in is fine)."""
+    import numpy as np
+
+    z = np.asarray(logits, dtype=np.float32)
+    z = (z + np.asarray(shift, np.float32)[None, :, None] * np.asarray(log_pi, np.float32)[None, None, :])
+    z = z / np.asarray(T, np.float32)[None, :, None]
+    z = z - z.max(axis=-1, keepdims=True)
+    np.exp(z, out=z)
+    z /= z.sum(axis=-1, keepdims=True)
+    return z
+
+
+def load_posteriors(export_art: Any, calib_art: Any, split: str, experts: Any = None) -> dict:
+    """Calibrated posteriors [N, E, C] of a split plus labels, weights and groups (in memory)."""
+    import numpy as np
+
+    logits = export_art.array(f"{split}/logits")
+    shift, T = calib_art.array("shift"), calib_art.array("temperature")
+    if experts is not None:
+        idx = np.asarray(experts, dtype=np.int64)
+        logits, shift, T = logits[:, idx], shift[idx], T[idx]
+    return {
+        "post": apply_calibration(logits, log_prior(export_art), shift, T),
+        "y": export_art.array(f"{split}/labels"),
+        "w_lt": export_art.array(f"{split}/w_lt"),
+        "w_bal": export_art.array(f"{split}/w_bal"),
+        "group": export_art.array(f"{split}/group"),
+    }
+
+
+def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
+    import numpy as np
+
+    from ..experts.calibration import calibration_metrics, fit_temperature
+
+    exp = inputs["export"]
+    log_pi = log_prior(exp)
+    experts = exp.meta["experts"]
+    shift = np.array([e["tau"] - (1.0 if cfg.posterior == "balanced" else 0.0) for e in experts], np.float32)
+    wkey = "w_lt" if cfg.view == "lt" else "w_bal"
+    fit = {k: exp.array(f"{cfg.fit_split}/{k}") for k in ("logits", "labels", wkey)}
+    test = {k: exp.array(f"test/{k}") for k in ("logits", "labels", wkey)}
+    temps, rows = [], []
+    for e, info in enumerate(experts):
+        f_fit = fit["logits"][:, e].astype(np.float32)
+        T = fit_temperature(f_fit, fit["labels"], log_pi, float(shift[e]), w=fit[wkey])
+        temps.append(T)
+        row = {"expert": info["loss"], "T": T}
+        for sname, d in ((cfg.fit_split, fit), ("test", test)):
+            f = d["logits"][:, e].astype(np.float32)
+            for when, t in (("before", 1.0), ("after", T)):
+                m = calibration_metrics(f, d["labels"], log_pi, float(shift[e]), T=t, w=d[wkey])
+                row[f"{sname}_nll_{when}"] = m["nll"]
+                row[f"{sname}_ece_{when}"] = m["ece"]
+        rows.append(row)
+    out.array("temperature", np.asarray(temps, np.float32))
+    out.array("shift", shift)
+    out.json("calibration.json", {"view": cfg.view, "posterior": cfg.posterior, "experts": rows})
+    out.meta.update(temperatures=[float(t) for t in temps], view=cfg.view, posterior=cfg.posterior, table=rows)
+    _print(rows, cfg)
+
+
+def _print(rows: list[dict], cfg: Any) -> None:
+    from rich.console import Console
+    from rich.table import Table
+
+    t = Table(title=f"temperature scaling ({cfg.view} view, {cfg.posterior} posterior)")
+    cols = ["expert", "T"] + [k for k in rows[0] if k not in ("expert", "T")]
+    for c in cols:
+        t.add_column(c, justify="right")
+    for r in rows:
+        t.add_row(*(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+    Console(stderr=True).print(t)
+
+
+def summary(meta: dict) -> str:
+    return "T=" + ",".join(f"{t:.2f}" for t in meta.get("temperatures", []))

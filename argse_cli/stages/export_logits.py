@@ -1,0 +1,79 @@
+"""Stage `export-logits`: every expert's raw logits on the held-out splits (fp16, row-chunked).
+
+Layout (one Zarr group per split ``s``; all arrays of a split share the row chunking):
+  s/logits        float16 [N, E, C]   expert e's raw logits (no temperature, no prior shift)
+  s/labels        int64   [N]
+  s/w_lt, s/w_bal float64 [N]         long-tailed / balanced importance weights
+  s/group         int64   [N]         g(y)
+  s/source_index  int64   [N]         index into the official CIFAR array of the split
+  s/row_order     int64   [N]         position of the row in the split's own order
+  class_counts [C], class_to_group [C]
+Rows are stored in a seeded random order (``row_order``), never sorted by class. Each expert's
+loss and tau (its posterior's prior shift) are in ``meta.experts``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+STAGE = "export-logits"
+VERSION = 1
+CODE = ("stages/export_logits.py", "experts/trainer.py", "nn/resnet.py")
+SPLIT_ARRAYS = ("labels", "w_lt", "w_bal", "group")
+
+
+def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
+    import numpy as np
+
+    from ..config import HELDOUT_SPLITS
+    from ..errors import ArgseError
+    from ..experts.trainer import load_model, predict_logits
+    from .split import load_images
+    from .train_expert import pin_threads, split_arrays
+
+    pin_threads()
+    split, experts = inputs["split"], inputs["experts"]
+    images = load_images(split)
+    counts = split.array("class_counts")
+    C = len(counts)
+    models = []
+    for a in experts:
+        if a.meta.get("num_classes") != C:
+            raise ArgseError("experts", f"expert {a.key[:12]} has {a.meta.get('num_classes')} classes, split has {C}",
+                             "train every expert on the same split")
+        models.append(load_model(a.file("model.safetensors").read_bytes(), a.meta["depth"], C))
+    names = (("train",) if cfg.include_train else ()) + HELDOUT_SPLITS
+    sizes = {}
+    for si, s in enumerate(names):
+        x, _ = split_arrays(split, s, images)
+        n = len(x)
+        order = np.random.default_rng([cfg.seed, si]).permutation(n)
+        xs = x[order]
+        out.array(f"{s}/row_order", order.astype(np.int64), chunk_rows=cfg.chunk_rows)
+        out.array(f"{s}/source_index", split.array(f"{s}/indices")[order], chunk_rows=cfg.chunk_rows)
+        for name in SPLIT_ARRAYS:
+            out.array(f"{s}/{name}", split.array(f"{s}/{name}")[order], chunk_rows=cfg.chunk_rows)
+        rows = out.rows(f"{s}/logits", (n, len(models), C), np.float16, cfg.chunk_rows)
+        for start in range(0, n, cfg.chunk_rows):
+            xb = xs[start : start + cfg.chunk_rows]
+            block = np.stack(
+                [predict_logits(m, xb, batch_size=cfg.infer_batch_size, device=cfg.device).numpy() for m in models],
+                axis=1,
+            )
+            if np.abs(block).max(initial=0) > 65000:
+                raise ArgseError("logits", f"{s}: |logit| exceeds the fp16 range", "check the expert (diverged?)")
+            rows.append(block.astype(np.float16))
+            progress(min(start + cfg.chunk_rows, n), n, {"split": s})
+        sizes[s] = n
+    out.array("class_counts", counts)
+    out.array("class_to_group", split.array("class_to_group"))
+    out.meta.update(
+        experts=[{"key": a.key, "loss": a.meta["loss"], "tau": a.meta["tau"], "depth": a.meta["depth"],
+                  "test_class_balanced_acc": a.meta.get("test_class_balanced_acc")} for a in experts],
+        splits=sizes, num_classes=C, num_experts=len(experts), num_groups=int(split.meta["num_groups"]),
+        chunk_rows=cfg.chunk_rows, layout="s/logits float16 [N, E, C]",
+    )
+
+
+def summary(meta: dict) -> str:
+    return f"E={meta.get('num_experts')} " + ",".join(e["loss"] for e in meta.get("experts", []))

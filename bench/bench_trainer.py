@@ -1,0 +1,185 @@
+"""CPU/GPU benchmark: device-resident trainer vs the plain DataLoader reference trainer.
+
+    python bench/bench_trainer.py [--depth 8] [--epochs 2] [--n-train 5000] [--device cpu]
+
+Data: CIFAR-10-LT (imbalance factor 100, about --n-train images, built from the offline CIFAR-10
+copy when /work/shared/data/cifar10/build_cifar10.py exists) or a synthetic colour-coded set
+otherwise; the "data" field of every line says which. Both trainers run the same recipe (ce loss,
+cropflip augmentation) for the same epochs in the same process. Prints one JSON line per result:
+training images/s (median over epochs after the first) and class-balanced test accuracy.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import pickle
+import statistics
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+
+from reference_trainer import train_reference  # noqa: E402
+
+from argse_cli.experts.trainer import TrainRecipe, predict_logits, train_expert  # noqa: E402
+
+BUILDER = Path("/work/shared/data/cifar10/build_cifar10.py")
+
+
+def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
+    """One official python-layout CIFAR batch -> (uint8 [N, 32, 32, 3], int64 [N])."""
+    with open(path, "rb") as f:
+        d = pickle.load(f, encoding="bytes")
+    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
+    return np.ascontiguousarray(x), np.asarray(d[b"labels"], dtype=np.int64)
+
+
+def load_cifar10(data_dir: Path):
+    root = data_dir / "cifar-10-batches-py"
+    if not (root / "test_batch").is_file():
+        subprocess.run([sys.executable, str(BUILDER), str(data_dir)], check=True)
+    parts = [_read_batch(root / f"data_batch_{i}") for i in range(1, 6)]
+    xtr, ytr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+    xte, yte = _read_batch(root / "test_batch")
+    return xtr, ytr, xte, yte
+
+
+def synthetic(n: int, seed: int):
+    """10 classes: class c has a fixed random mean colour + noise."""
+    rng = np.random.default_rng(seed)
+    means = rng.uniform(40, 215, size=(10, 3))
+    y = rng.integers(0, 10, n)
+    x = means[y][:, None, None, :] + rng.normal(0, 40, size=(n, 32, 32, 3))
+    return np.clip(x, 0, 255).astype(np.uint8), y
+
+
+def long_tail(x, y, n_train: int, imb: float, seed: int):
+    """Per-class counts n_c = n_max * imb^(-c / (C - 1)), n_max chosen so sum_c n_c ~ n_train."""
+    C = int(y.max()) + 1
+    ratios = imb ** (-np.arange(C) / (C - 1))
+    n_max = n_train / ratios.sum()
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in range(C):
+        idx = np.flatnonzero(y == c)
+        keep.append(rng.permutation(idx)[: max(1, int(n_max * ratios[c]))])
+    keep = np.sort(np.concatenate(keep))
+    return x[keep], y[keep]
+
+
+def balanced_test(x, y, n_test: int, seed: int):
+    C = int(y.max()) + 1
+    rng = np.random.default_rng(seed)
+    keep = np.concatenate(
+        [rng.permutation(np.flatnonzero(y == c))[: n_test // C] for c in range(C)]
+    )
+    return x[keep], y[keep]
+
+
+def bal_acc(pred: np.ndarray, y: np.ndarray) -> float:
+    """Class-balanced accuracy = mean per-class recall."""
+    return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+        )
+        return out.stdout.strip()
+    except (subprocess.CalledProcessError, FileNotFoundError):
+        return "uncommitted"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--depth", type=int, default=8)
+    ap.add_argument("--epochs", type=int, default=2)
+    ap.add_argument("--n-train", type=int, default=5000)
+    ap.add_argument("--n-test", type=int, default=2000)
+    ap.add_argument("--batch-size", type=int, default=128)
+    ap.add_argument("--device", default="cpu")
+    ap.add_argument("--threads", type=int, default=0, help="torch threads (0 = leave as is)")
+    ap.add_argument("--data-dir", default="/tmp/argse_bench_cifar10")
+    ap.add_argument("--synthetic", action="store_true", help="force synthetic data")
+    ap.add_argument("--seed", type=int, default=0)
+    a = ap.parse_args()
+    if a.threads:
+        torch.set_num_threads(a.threads)
+
+    if BUILDER.is_file() and not a.synthetic:
+        xtr, ytr, xte, yte = load_cifar10(Path(a.data_dir))
+        data = "cifar10-offline-LT100"
+    else:
+        xtr, ytr = synthetic(50000, a.seed)
+        xte, yte = synthetic(10000, a.seed + 1)
+        data = "synthetic-LT100"
+    xtr, ytr = long_tail(xtr, ytr, a.n_train, 100.0, a.seed)
+    xte, yte = balanced_test(xte, yte, a.n_test, a.seed)
+    counts = np.bincount(ytr, minlength=10)
+    log_pi = np.log(counts / counts.sum())
+    print(
+        f"data: {data}, train {len(ytr)} (per class {counts.tolist()}), test {len(yte)}, "
+        f"threads {torch.get_num_threads()}",
+        file=sys.stderr,
+    )
+
+    recipe = TrainRecipe(
+        depth=a.depth,
+        epochs=a.epochs,
+        batch_size=a.batch_size,
+        warmup_epochs=min(1, a.epochs - 1),
+        aug="cropflip",
+        seed=a.seed,
+        device=a.device,
+    )
+
+    def log(tag):
+        return lambda e, n, d: print(
+            f"[{tag}] epoch {e + 1}/{n} loss {d['loss']:.3f} {d['img_per_s']:.0f} img/s",
+            file=sys.stderr,
+        )
+
+    ours, h_ours = train_expert(xtr, ytr, "ce", recipe, log_pi, progress=log("ours"))
+    ref, h_ref = train_reference(xtr, ytr, "ce", recipe, log_pi, progress=log("reference"))
+
+    def speed(h):
+        return statistics.median(r["img_per_s"] for r in (h[1:] if len(h) > 1 else h))
+
+    def acc(model):
+        return bal_acc(predict_logits(model, xte, device=a.device).argmax(1).numpy(), yte)
+
+    dev = a.device if a.device == "cpu" else torch.cuda.get_device_name()
+    common = {"device": dev, "commit": commit(), "data": data}
+    s_o, s_r = speed(h_ours), speed(h_ref)
+    a_o, a_r = acc(ours), acc(ref)
+    for name, v, r, unit in (
+        (f"train_throughput_resnet{a.depth}", s_o, s_r, "img/s"),
+        (f"bal_test_acc_resnet{a.depth}_{a.epochs}ep", a_o, a_r, "fraction"),
+    ):
+        print(
+            json.dumps(
+                {
+                    "name": name,
+                    "value": round(v, 4),
+                    "unit": unit,
+                    "reference": round(r, 4),
+                    "ratio": round(v / r, 4) if r else None,
+                    **common,
+                }
+            )
+        )
+
+
+if __name__ == "__main__":
+    main()
