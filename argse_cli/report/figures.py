@@ -1,0 +1,327 @@
+"""Matplotlib figures of the report (PDF and PNG), drawn with the Agg canvas.
+
+Matplotlib is imported inside the functions (object API: ``Figure`` + ``FigureCanvasAgg``, so no
+global backend is switched and no window is ever opened). Every figure has labelled axes with
+units (coverage and error as fractions in [0, 1]), a legend and a title naming its view
+(long-tailed weights ``w_lt`` or balanced weights ``w_bal``). PDFs carry no creation date, so
+the same inputs give the same bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping, Sequence
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+
+__all__ = [
+    "VIEW_TITLE",
+    "plot_margin_hist",
+    "plot_rc_curves",
+    "plot_sensitivity",
+    "plot_trajectories",
+]
+
+VIEW_TITLE = {
+    "lt": "long-tailed weights (w_lt)",
+    "bal": "balanced weights (w_bal)",
+}
+_KIND = {
+    "balanced": ("balanced_risk", "group-balanced error (fraction)", "Group-balanced error"),
+    "worst": ("worst_risk", "worst-group error (fraction)", "Worst-group error"),
+    "standard": ("risk", "selective risk (fraction)", "Selective risk"),
+}
+_STYLES = ("-", "--", "-.", ":")
+_DPI = 150
+
+
+def _view_title(view: str | None) -> str:
+    return VIEW_TITLE.get(view or "", str(view))
+
+
+def _group_names(K: int) -> list[str]:
+    return ["head", "tail"] if K == 2 else [f"group {k}" for k in range(K)]
+
+
+def _new_figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=figsize, layout="constrained")
+    FigureCanvasAgg(fig)
+    axes = fig.subplots(nrows, ncols, squeeze=False)
+    return fig, axes
+
+
+def _save(fig: Any, path_stem: Path, formats: Sequence[str]) -> list[Path]:
+    """Write ``path_stem.<fmt>`` for each format; returns the written paths."""
+    path_stem = Path(path_stem)
+    path_stem.parent.mkdir(parents=True, exist_ok=True)
+    written = []
+    for fmt in formats:
+        if fmt not in ("pdf", "png"):
+            raise ValueError(f"unsupported figure format {fmt!r} (pdf or png)")
+        p = path_stem.parent / f"{path_stem.name}.{fmt}"
+        meta = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
+        fig.savefig(p, format=fmt, dpi=_DPI, metadata=meta)
+        written.append(p)
+    return written
+
+
+def _grid_aurc(cov: np.ndarray, risk: np.ndarray) -> float | None:
+    """Mean risk over the grid 0.01..1.00 when the curve holds exactly that grid, else None."""
+    grid = np.round(np.arange(1, 101) / 100, 2)
+    if cov.shape == grid.shape and np.allclose(cov, grid, atol=1e-9):
+        return float(np.mean(risk))
+    return None
+
+
+def plot_rc_curves(
+    curves: Mapping[str, Mapping[str, Any]],
+    kind: str,
+    view: str,
+    path_stem: Path,
+    formats: Sequence[str] = ("pdf", "png"),
+    *,
+    levels: Sequence[float] = (0.7, 0.8, 0.9),
+    title: str | None = None,
+) -> list[Path]:
+    """Risk-coverage curves of several methods overlaid (one line per method).
+
+    ``curves[method]`` is an ``RCCurve.to_dict()``-style dict with ``coverage`` and the risk of
+    ``kind`` (``balanced`` -> ``balanced_risk``, ``worst`` -> ``worst_risk``, ``standard`` ->
+    ``risk``). The legend shows each method's AURC (mean risk over the grid 0.01..1.00) when the
+    curve holds that grid; dotted verticals mark the coverage ``levels``.
+    """
+    if kind not in _KIND:
+        raise ValueError(f"kind must be one of {sorted(_KIND)}, got {kind!r}")
+    field, ylabel, name = _KIND[kind]
+    fig, axes = _new_figure((6.4, 4.6))
+    ax = axes[0, 0]
+    for lv in levels:
+        ax.axvline(lv, color="0.8", lw=0.8, ls=":", zorder=0)
+    for i, (method, c) in enumerate(curves.items()):
+        cov = np.asarray(c["coverage"], dtype=np.float64)
+        risk = np.asarray(c[field], dtype=np.float64)
+        a = _grid_aurc(cov, risk)
+        label = method if a is None else f"{method} (AURC {a:.3f})"
+        ax.plot(
+            cov, risk, ls=_STYLES[(i // 10) % len(_STYLES)], color=f"C{i % 10}", lw=1.6, label=label
+        )
+    ax.set_xlabel("coverage (fraction of test weight accepted)")
+    ax.set_ylabel(ylabel)
+    ax.set_xlim(0.0, 1.0)
+    ax.set_ylim(bottom=0.0)
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8, loc="upper left", frameon=True)
+    head = f"{title}: " if title else ""
+    ax.set_title(f"{head}{name} vs coverage, {_view_title(view)}", fontsize=10)
+    return _save(fig, path_stem, formats)
+
+
+def plot_margin_hist(
+    margin: Any,
+    group: Any,
+    path_stem: Path,
+    formats: Sequence[str] = ("pdf", "png"),
+    *,
+    weights: Any = None,
+    view: str = "lt",
+    bins: int = 60,
+    title: str | None = None,
+) -> list[Path]:
+    """Histogram of the plug-in margin m(x) per group (head / tail); accept iff m(x) >= 0.
+
+    Each group's histogram is normalised to sum to 1 under ``weights`` (the view's sample
+    weights; None = unit), so the bar heights are the fraction of that group's weight per bin.
+    The legend gives each group's accepted fraction ``sum_{m >= 0} w / sum w``.
+    """
+    m = np.asarray(margin, dtype=np.float64).reshape(-1)
+    g = np.asarray(group).reshape(-1).astype(np.int64)
+    w = np.ones_like(m) if weights is None else np.asarray(weights, dtype=np.float64).reshape(-1)
+    if not (m.shape == g.shape == w.shape):
+        raise ValueError("margin, group and weights must have the same length")
+    finite = np.isfinite(m)
+    m, g, w = m[finite], g[finite], w[finite]
+    K = int(g.max()) + 1 if g.size else 1
+    lo, hi = (float(m.min()), float(m.max())) if m.size else (-1.0, 1.0)
+    if hi <= lo:
+        lo, hi = lo - 0.5, hi + 0.5
+    edges = np.linspace(lo, hi, bins + 1)
+    fig, axes = _new_figure((6.4, 4.2))
+    ax = axes[0, 0]
+    for k, name in enumerate(_group_names(K)):
+        sel = g == k
+        tot = float(w[sel].sum())
+        if not sel.any() or tot <= 0:
+            continue
+        acc = float(w[sel & (m >= 0)].sum()) / tot
+        ax.hist(
+            m[sel],
+            bins=edges,
+            weights=w[sel] / tot,
+            histtype="stepfilled",
+            alpha=0.35,
+            color=f"C{k}",
+            edgecolor=f"C{k}",
+            lw=1.2,
+            label=f"{name} (accepted {100 * acc:.1f}%)",
+        )
+    ax.axvline(0.0, color="k", lw=1.2, ls="--", label=r"threshold $m(x) = 0$")
+    ax.set_xlabel(r"margin $m(x)$ (posterior units; accept iff $m(x) \geq 0$)")
+    ax.set_ylabel("fraction of the group's weight per bin")
+    ax.grid(True, alpha=0.3)
+    ax.legend(fontsize=8)
+    head = f"{title}: " if title else ""
+    ax.set_title(f"{head}test margin per group, {_view_title(view)}", fontsize=10)
+    return _save(fig, path_stem, formats)
+
+
+def _per_epoch(history: Mapping[str, Any], key: str) -> np.ndarray | None:
+    v = history.get(key)
+    if v is None or len(v) == 0:
+        return None
+    a = np.asarray(v, dtype=np.float64)
+    return a[:, None] if a.ndim == 1 else a
+
+
+def plot_trajectories(
+    history: Mapping[str, Sequence[Any]],
+    path_stem: Path,
+    formats: Sequence[str] = ("pdf", "png"),
+    *,
+    view: str = "lt",
+    chosen_epoch: int | None = None,
+    title: str | None = None,
+) -> list[Path]:
+    """2 x 2 grid of gate-training trajectories per epoch (validation split ``val_small``).
+
+    ``history`` keys: ``epoch`` [T], ``alpha`` [T][K], ``beta`` [T][K], ``coverage`` [T],
+    ``group_coverage`` [T][K], ``group_error`` [T][K] (``lambda`` [T][K] is drawn dashed in the
+    beta panel when present). Panels: alpha_k; beta_k (and lambda_k); coverage overall and per
+    group; group error e_k. ``chosen_epoch`` is marked with a vertical line.
+    """
+    ep = np.asarray(history["epoch"], dtype=np.float64)
+    alpha = _per_epoch(history, "alpha")
+    K = alpha.shape[1] if alpha is not None else 1
+    names = _group_names(K)
+    fig, axes = _new_figure((9.6, 6.8), 2, 2)
+
+    def lines(ax: Any, arr: np.ndarray | None, fmt: str, ls: str = "-") -> None:
+        if arr is None:
+            ax.text(0.5, 0.5, "not recorded", ha="center", va="center", transform=ax.transAxes)
+            return
+        for k in range(arr.shape[1]):
+            ax.plot(
+                ep,
+                arr[:, k],
+                ls=ls,
+                color=f"C{k}",
+                marker="." if len(ep) < 40 else None,
+                label=fmt.format(name=names[k] if k < len(names) else k, k=k),
+            )
+
+    ax = axes[0, 0]
+    lines(ax, alpha, r"$\alpha_{k}$ ({name})")
+    ax.set_ylabel(r"$\alpha_k$ (dimensionless)")
+    ax.set_title(r"group scale $\alpha_k$", fontsize=10)
+    ax = axes[0, 1]
+    lines(ax, _per_epoch(history, "beta"), r"$\beta_{k}$ ({name})")
+    lam = _per_epoch(history, "lambda")
+    if lam is not None:
+        lines(ax, lam, r"$\lambda_{k}$ ({name})", ls="--")
+    ax.set_ylabel(r"$\beta_k$, $\lambda_k$ (dimensionless)")
+    ax.set_title(r"group weights $\beta_k$ (solid), duals $\lambda_k$ (dashed)", fontsize=10)
+    ax = axes[1, 0]
+    cov = _per_epoch(history, "coverage")
+    if cov is not None:
+        ax.plot(ep, cov[:, 0], color="k", lw=2.0, label="overall")
+    lines(ax, _per_epoch(history, "group_coverage"), "{name}", ls="--")
+    ax.set_ylabel("coverage (fraction)")
+    ax.set_ylim(-0.02, 1.02)
+    ax.set_title("coverage on val_small", fontsize=10)
+    ax = axes[1, 1]
+    lines(ax, _per_epoch(history, "group_error"), r"$e_{k}$ ({name})")
+    ax.set_ylabel(r"group error $e_k$ (fraction)")
+    ax.set_ylim(bottom=0.0)
+    ax.set_title("group error on val_small", fontsize=10)
+    for ax in axes.ravel():
+        if chosen_epoch is not None:
+            ax.axvline(
+                chosen_epoch, color="0.5", lw=1.0, ls=":", label=f"chosen epoch {chosen_epoch}"
+            )
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+        ax.legend(fontsize=7)
+    head = f"{title}: " if title else ""
+    fig.suptitle(f"{head}gate training trajectories, {_view_title(view)}", fontsize=11)
+    return _save(fig, path_stem, formats)
+
+
+def plot_sensitivity(
+    rows: Sequence[Mapping[str, Any]],
+    path_stem: Path,
+    formats: Sequence[str] = ("pdf", "png"),
+    *,
+    key: str = "aurc_balanced",
+    view: str = "lt",
+    title: str | None = None,
+) -> list[Path]:
+    """Bar chart of ``key`` (default balanced AURC) per setting, one bar colour per method.
+
+    ``rows[i] = {"method", "setting", "values": {key: [values over seeds]}}``; bars show the mean
+    over seeds, error bars the std (ddof = 1) when there are >= 2 seeds.
+    """
+    from .tables import mean_std
+
+    settings: list[str] = []
+    methods: list[str] = []
+    for r in rows:
+        s = str(r.get("setting") or "--")
+        if s not in settings:
+            settings.append(s)
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    fig, axes = _new_figure((max(6.4, 0.9 * len(settings) * max(1, len(methods)) + 2), 4.4))
+    ax = axes[0, 0]
+    width = 0.8 / max(1, len(methods))
+    x = np.arange(len(settings), dtype=np.float64)
+    for j, m in enumerate(methods):
+        means, errs = np.full(len(settings), np.nan), np.zeros(len(settings))
+        for r in rows:
+            if r["method"] != m:
+                continue
+            mu, sd = mean_std(r.get("values", {}).get(key))
+            i = settings.index(str(r.get("setting") or "--"))
+            if mu is not None:
+                means[i], errs[i] = mu, sd or 0.0
+        ax.bar(
+            x + (j - (len(methods) - 1) / 2) * width,
+            means,
+            width,
+            yerr=errs,
+            capsize=3,
+            color=f"C{j % 10}",
+            label=m,
+        )
+    ax.set_xticks(
+        x,
+        settings,
+        rotation=30 if len(settings) > 4 else 0,
+        ha="right" if len(settings) > 4 else "center",
+    )
+    ax.set_xlabel("setting")
+    label = {
+        "aurc_balanced": "balanced AURC (fraction)",
+        "aurc_worst": "worst-group AURC (fraction)",
+    }
+    ax.set_ylabel(label.get(key, f"{key} (fraction)"))
+    ax.set_ylim(bottom=0.0)
+    ax.grid(True, axis="y", alpha=0.3)
+    ax.legend(fontsize=8)
+    head = f"{title}: " if title else ""
+    ax.set_title(
+        f"{head}sensitivity (mean $\\pm$ std over seeds), {_view_title(view)}", fontsize=10
+    )
+    return _save(fig, path_stem, formats)

@@ -1,0 +1,400 @@
+"""LaTeX (booktabs) tables for the report: mean +- std over seeds, bold by a paired bootstrap test.
+
+Conventions shared by every table:
+
+- A cell is ``mean $\\pm$ std`` over seeds, ``std`` with ``ddof = 1``; a single seed shows the
+  mean alone; a missing value shows ``--``.
+- AURC = mean of the selective risk over the weighted-coverage grid 0.01, 0.02, ..., 1.00
+  (:data:`argse_cli.metrics.AURC_CONVENTION`).
+- Bold rule (:func:`choose_bold`): in each column the method with the lowest mean is bold iff the
+  paired-bootstrap 95% CI of ``stat(best) - stat(runner-up)`` on the first seed both share lies
+  entirely below 0. Two methods with equal means are never bold.
+- Every caption names its view (long-tailed weights ``w_lt`` or balanced weights ``w_bal``).
+
+Tables need ``\\usepackage{booktabs}`` and ``\\usepackage{graphicx}`` (``\\resizebox``).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Mapping, Sequence
+from dataclasses import dataclass
+from typing import Any
+
+__all__ = [
+    "AURC_SENTENCE",
+    "BOLD_RULE",
+    "Column",
+    "VIEW_PHRASE",
+    "choose_bold",
+    "default_columns",
+    "fmt_mean_std",
+    "latex_escape",
+    "main_table",
+    "mean_std",
+    "refit_columns",
+    "sensitivity_table",
+    "standalone_document",
+]
+
+VIEW_PHRASE = {
+    "lt": r"long-tailed weights ($w_{\mathrm{lt}}$)",
+    "bal": r"balanced weights ($w_{\mathrm{bal}}$)",
+}
+AURC_SENTENCE = (
+    r"AURC: mean of the selective risk over the weighted-coverage grid "
+    r"$0.01, 0.02, \ldots, 1.00$."
+)
+BOLD_RULE = (
+    r"Bold: the best mean whose paired-bootstrap 95\% CI of the difference to the runner-up "
+    r"excludes 0."
+)
+
+_ESCAPES = {
+    "\\": r"\textbackslash{}",
+    "&": r"\&",
+    "%": r"\%",
+    "$": r"\$",
+    "#": r"\#",
+    "_": r"\_",
+    "{": r"\{",
+    "}": r"\}",
+    "~": r"\textasciitilde{}",
+    "^": r"\textasciicircum{}",
+}
+
+
+def latex_escape(text: str) -> str:
+    """Escape the LaTeX special characters ``\\ & % $ # _ { } ~ ^`` of plain text."""
+    return "".join(_ESCAPES.get(ch, ch) for ch in str(text))
+
+
+@dataclass(frozen=True)
+class Column:
+    """One numeric table column.
+
+    ``key`` indexes the values; ``header`` is LaTeX; ``group`` is the spanning header above it
+    (columns with the same consecutive group share one ``\\cmidrule``); ``stat`` is the name of
+    the statistic in :func:`argse_cli.metrics.paired_bootstrap_diff` (None = no paired test).
+    """
+
+    key: str
+    header: str
+    group: str | None = None
+    stat: str | None = None
+
+
+def _pct(lv: float) -> str:
+    return f"{100 * lv:g}\\%"
+
+
+def default_columns(levels: Sequence[float] = (0.7, 0.8, 0.9)) -> list[Column]:
+    """Balanced AURC, worst AURC, balanced error at ``levels``, worst-group error at ``levels``.
+
+    Keys equal the bootstrap statistic names (``aurc_balanced``, ``balanced_error@0.7``, ...).
+    """
+    cols = [
+        Column("aurc_balanced", "bal.", "AURC", "aurc_balanced"),
+        Column("aurc_worst", "worst", "AURC", "aurc_worst"),
+    ]
+    for lv in levels:
+        k = f"balanced_error@{lv:g}"
+        cols.append(Column(k, _pct(lv), "Balanced error at coverage", k))
+    for lv in levels:
+        k = f"worst_error@{lv:g}"
+        cols.append(Column(k, _pct(lv), "Worst-group error at coverage", k))
+    return cols
+
+
+def refit_columns(levels: Sequence[float] = (0.7, 0.8, 0.9)) -> list[Column]:
+    """Balanced and worst-group error at ``levels`` (no paired test: refit rules are not stored)."""
+    return [c for c in default_columns(levels) if not c.key.startswith("aurc")]
+
+
+def _clean(values: Sequence[float] | None) -> list[float]:
+    return [float(v) for v in (values or []) if v is not None and math.isfinite(float(v))]
+
+
+def mean_std(values: Sequence[float] | None) -> tuple[float | None, float | None]:
+    """(mean, sample std with ddof = 1); std is None for fewer than 2 values, both None if empty."""
+    v = _clean(values)
+    if not v:
+        return None, None
+    m = math.fsum(v) / len(v)
+    if len(v) < 2:
+        return m, None
+    return m, math.sqrt(math.fsum((x - m) ** 2 for x in v) / (len(v) - 1))
+
+
+def fmt_mean_std(values: Sequence[float] | None, digits: int = 3) -> str:
+    """``"0.123 $\\pm$ 0.004"`` (std over seeds, ddof = 1); one value: ``"0.123"``; none: ``"--"``."""
+    m, s = mean_std(values)
+    if m is None:
+        return "--"
+    if s is None:
+        return f"{m:.{digits}f}"
+    return f"{m:.{digits}f} $\\pm$ {s:.{digits}f}"
+
+
+def _header_rows(columns: Sequence[Column], lead: Sequence[str], extra: Sequence[str]) -> list[str]:
+    """Spanning header row (+ cmidrules) and the column header row.
+
+    ``lead`` are the text columns left of ``columns`` (e.g. Method, Setting), ``extra`` those right.
+    """
+    lines = []
+    if any(c.group for c in columns):
+        spans: list[tuple[str | None, int]] = []
+        for c in columns:
+            if spans and spans[-1][0] == c.group and c.group is not None:
+                spans[-1] = (c.group, spans[-1][1] + 1)
+            else:
+                spans.append((c.group, 1))
+        cells, rules, pos = [""] * len(lead), [], len(lead) + 1
+        for g, n in spans:
+            if g is None:
+                cells += [""] * n
+            else:
+                cells.append(f"\\multicolumn{{{n}}}{{c}}{{{g}}}")
+                rules.append(f"\\cmidrule(lr){{{pos}-{pos + n - 1}}}")
+            pos += n
+        cells += [""] * len(extra)
+        lines.append(" & ".join(cells) + r" \\")
+        if rules:
+            lines.append(" ".join(rules))
+    lines.append(" & ".join([*lead, *(c.header for c in columns), *extra]) + r" \\")
+    return lines
+
+
+def _n_seeds(cols: Mapping[str, Sequence[float]]) -> int:
+    return max((len(_clean(v)) for v in cols.values()), default=0)
+
+
+def main_table(
+    entries: Mapping[str, Mapping[str, Sequence[float]]],
+    columns: Sequence[Column],
+    bold: Mapping[str, str | None] | None,
+    caption: str,
+    label: str,
+    *,
+    sections: Sequence[Sequence[str]] | None = None,
+    seeds_column: bool = True,
+    digits: int = 3,
+) -> str:
+    """A booktabs ``table``: one row per method (``entries[method][column.key]`` = values over seeds).
+
+    Cells are :func:`fmt_mean_std`; a cell is ``\\textbf`` only where ``bold[column.key]`` names
+    that method. ``sections`` (lists of method names) are separated by ``\\midrule``; by default
+    one section in ``entries`` order. Method names are LaTeX-escaped; ``caption`` is LaTeX
+    already (escape plain text with :func:`latex_escape`).
+    """
+    bold = bold or {}
+    if sections is None:
+        sections = [list(entries)]
+    extra = ["seeds"] if seeds_column else []
+    spec = "l" + "c" * len(columns) + "r" * len(extra)
+    lines = [
+        r"% requires \usepackage{booktabs} and \usepackage{graphicx}",
+        r"\begin{table}[t]",
+        r"\centering",
+        f"\\caption{{{caption}}}",
+        f"\\label{{{label}}}",
+        r"\resizebox{\textwidth}{!}{%",
+        f"\\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        *_header_rows(columns, ["Method"], extra),
+        r"\midrule",
+    ]
+    first = True
+    for sec in sections:
+        rows = [m for m in sec if m in entries]
+        if not rows:
+            continue
+        if not first:
+            lines.append(r"\midrule")
+        first = False
+        for m in rows:
+            cells = [latex_escape(m)]
+            for c in columns:
+                txt = fmt_mean_std(entries[m].get(c.key), digits)
+                if bold.get(c.key) == m and txt != "--":
+                    txt = f"\\textbf{{{txt}}}"
+                cells.append(txt)
+            if seeds_column:
+                cells.append(str(_n_seeds(entries[m])))
+            lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def sensitivity_table(
+    rows: Sequence[Mapping[str, Any]],
+    columns: Sequence[Column],
+    caption: str,
+    label: str,
+    *,
+    digits: int = 3,
+) -> str:
+    """Booktabs table of a sensitivity study: one row per (method, setting), no bold.
+
+    ``rows[i] = {"method": str, "setting": str, "values": {column.key: [values over seeds]}}``;
+    rows of one method are grouped (``\\midrule`` between methods) in order of appearance.
+    """
+    spec = "ll" + "c" * len(columns) + "r"
+    lines = [
+        r"% requires \usepackage{booktabs} and \usepackage{graphicx}",
+        r"\begin{table}[t]",
+        r"\centering",
+        f"\\caption{{{caption}}}",
+        f"\\label{{{label}}}",
+        r"\resizebox{\textwidth}{!}{%",
+        f"\\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+    ]
+    head = _header_rows(columns, ["Method", "Setting"], ["seeds"])
+    lines += [*head, r"\midrule"]
+    methods: list[str] = []
+    for r in rows:
+        if r["method"] not in methods:
+            methods.append(r["method"])
+    for i, m in enumerate(methods):
+        if i:
+            lines.append(r"\midrule")
+        for r in rows:
+            if r["method"] != m:
+                continue
+            vals = r.get("values", {})
+            cells = [latex_escape(m), latex_escape(r.get("setting") or "--")]
+            cells += [fmt_mean_std(vals.get(c.key), digits) for c in columns]
+            cells.append(str(_n_seeds(vals)))
+            lines.append(" & ".join(cells) + r" \\")
+    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def _best_two(
+    values: Mapping[str, Mapping[str, Sequence[float]]], key: str
+) -> list[tuple[float, str]]:
+    ranked = []
+    for m, cols in values.items():
+        mu, _ = mean_std(cols.get(key))
+        if mu is not None:
+            ranked.append((mu, m))
+    ranked.sort(key=lambda t: t[0])  # stable: ties keep the input order
+    return ranked[:2]
+
+
+ArraysSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
+
+
+def choose_bold(
+    values: Mapping[str, Mapping[str, Sequence[float]]],
+    per_method_arrays: Mapping[str, Mapping[int, ArraysSource]],
+    col_stat_name: Mapping[str, str | None],
+    *,
+    view: str = "lt",
+    levels: Sequence[float] = (0.7, 0.8, 0.9),
+    n_boot: int = 1000,
+    seed: int = 0,
+    ci: float = 0.95,
+) -> tuple[dict[str, str | None], dict[str, dict[str, Any]]]:
+    """Bold method per column (or None) and the evidence for it.
+
+    For column ``col`` (``values[method][col]`` = values over seeds, lower is better): rank the
+    methods by mean; ``best`` = lowest, ``runner-up`` = second lowest. With ``s`` the smallest seed
+    both have in ``per_method_arrays[method]`` (a dict ``seed -> {"score", "pred", "y",
+    "class_to_group", "w" | "w_lt"/"w_bal"}`` or a zero-argument callable returning it), run
+    :func:`argse_cli.metrics.paired_bootstrap_diff` (best, runner-up) under the weights of
+    ``view`` and read the statistic ``col_stat_name[col]``: ``best`` is bold iff the CI
+    [lo, hi] of ``stat(best) - stat(runner-up)`` has ``hi < 0`` (it excludes 0 on the side that
+    confirms the ranking). No bold for: fewer than 2 methods, equal means, no common seed, no
+    statistic name, or inputs that are not the same test samples. One paired bootstrap per
+    (best, runner-up, seed) pair serves every column.
+    """
+    from ..evaluation import WEIGHT_OF_VIEW
+    from ..metrics import paired_bootstrap_diff
+
+    loaded: dict[tuple[str, int], Mapping[str, Any]] = {}
+
+    def arrays(m: str, s: int) -> dict[str, Any]:
+        if (m, s) not in loaded:
+            src = per_method_arrays[m][s]
+            loaded[(m, s)] = src() if callable(src) else src
+        d = loaded[(m, s)]
+        w = d["w"] if "w" in d else d[WEIGHT_OF_VIEW[view]]
+        return {k: d[k] for k in ("score", "pred", "y", "class_to_group")} | {"w": w}
+
+    pair_cache: dict[tuple[str, str, int], dict[str, Any] | str] = {}
+    bold: dict[str, str | None] = {}
+    tests: dict[str, dict[str, Any]] = {}
+    for col, stat in col_stat_name.items():
+        top = _best_two(values, col)
+        bold[col] = None
+        if len(top) < 2:
+            tests[col] = {"bold": None, "reason": "fewer than two methods"}
+            continue
+        (mb, best), (mr, runner) = top
+        info: dict[str, Any] = {
+            "best": best,
+            "runner_up": runner,
+            "best_mean": mb,
+            "runner_up_mean": mr,
+            "view": view,
+        }
+        common = sorted(
+            set(per_method_arrays.get(best, {})) & set(per_method_arrays.get(runner, {}))
+        )
+        if mb == mr:
+            info["reason"] = "equal means"
+        elif stat is None:
+            info["reason"] = "no paired statistic for this column"
+        elif not common:
+            info["reason"] = "no common seed with test arrays"
+        else:
+            s = int(common[0])
+            info["seed"] = s
+            pk = (best, runner, s)
+            if pk not in pair_cache:
+                try:
+                    pair_cache[pk] = paired_bootstrap_diff(
+                        arrays(best, s),
+                        arrays(runner, s),
+                        n_boot=n_boot,
+                        seed=seed,
+                        levels=levels,
+                        ci=ci,
+                        view=view,
+                    )
+                except ValueError as e:  # different test rows: the pairing is meaningless
+                    pair_cache[pk] = f"paired bootstrap refused: {e}"
+            res = pair_cache[pk]
+            if isinstance(res, str):
+                info["reason"] = res
+            elif stat not in res["stats"]:
+                info["reason"] = f"statistic {stat} not bootstrapped"
+            else:
+                st = res["stats"][stat]
+                info.update(
+                    diff=st["diff"], lo=st["lo"], hi=st["hi"], ci=res["ci"], n_boot=res["n_boot"]
+                )
+                if st["hi"] < 0:
+                    bold[col] = best
+                else:
+                    info["reason"] = "CI of the difference includes 0"
+        info["bold"] = bold[col]
+        tests[col] = info
+    return bold, tests
+
+
+def standalone_document(body: str) -> str:
+    """A minimal compilable LaTeX document around ``body`` (booktabs, graphicx)."""
+    return "\n".join(
+        [
+            r"\documentclass{article}",
+            r"\usepackage{booktabs}",
+            r"\usepackage{graphicx}",
+            r"\begin{document}",
+            body,
+            r"\end{document}",
+            "",
+        ]
+    )
