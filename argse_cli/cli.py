@@ -393,6 +393,47 @@ def report(
         export_to(p.store.open("report", key), out)
 
 
+# ------------------------------------------------------------------------ import-logits
+@app.command("import-logits")
+@handled
+def import_logits(
+    config: ConfigOpt = None,
+    set_: SetOpt = None,
+    store: StoreOpt = None,
+    force: ForceOpt = False,
+    print_config: PrintCfgOpt = False,
+    print_key: PrintKeyOpt = False,
+    quiet: QuietOpt = False,
+) -> None:
+    """Import experts' logits trained elsewhere (pipeline file with an import_logits section)."""
+    from .pipeline import parse_set
+    from .stages import key_of
+    from .stages.import_logits import key_extra, run
+
+    p = _pipeline(config, store)
+    p.override("import-logits", parse_set(set_))
+    cfg = p.config("import-logits")
+    if print_key or print_config:
+        _emit("import-logits", cfg, key_of("import-logits", cfg, {}, key_extra(cfg)), print_config, print_key)
+        return
+    run(cfg, p.store, force=force, quiet=quiet)
+
+
+@app.command()
+@handled
+def apply(
+    gate: Annotated[str, typer.Argument(help="train-gate key (or unique prefix)")],
+    logits: Annotated[list[Path], typer.Option("--logits", help="one logits file per expert, in the gate's expert order")],
+    out: Annotated[Path, typer.Option("--out", help="output file (.npz or .csv): prediction, margin, accept per row")],
+    store: StoreOpt = None,
+) -> None:
+    """Apply a stored calibrated gate + rejector to new logits."""
+    from .apply import apply_files
+    from .store import Store
+
+    print(apply_files(gate, [str(x) for x in logits], str(out), Store(store).root))
+
+
 # ------------------------------------------------------------------------- store tools
 @app.command()
 @handled

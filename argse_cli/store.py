@@ -184,7 +184,7 @@ class Writer:
         cr = int(chunk_rows or max(1, shape[0] if shape else 1))
         cr = max(1, min(cr, shape[0])) if shape and shape[0] > 0 else 1
         chunks = (cr, *shape[1:]) if shape else ()
-        arr = g.create_array(leaf, shape=shape, dtype=np.dtype(dtype), chunks=chunks or None, fill_value=0)
+        arr = g.create_array(leaf, shape=shape, dtype=np.dtype(dtype), chunks=chunks, fill_value=0)
         self._arrays[name] = {
             "shape": list(shape),
             "dtype": np.dtype(dtype).str,
@@ -347,7 +347,7 @@ class Artifact:
         except Exception as e:  # noqa: BLE001
             raise self._fail(name, f"unreadable chunk ({e.__class__.__name__})") from e
         if verify:
-            self._check_chunks(name, np.ascontiguousarray(data), info)
+            self._check_chunks(name, np.asarray(data, order="C"), info)  # keeps 0-d
         return data
 
     def _check_chunks(self, name: str, data: Any, info: dict) -> None:
@@ -467,20 +467,38 @@ class Store:
 
     @contextlib.contextmanager
     def lock(self, stage: str, key: str, on_wait=None) -> Iterator[None]:
-        """Exclusive per-key lock (flock): concurrent writers of one key run one at a time."""
+        """Exclusive per-key lock (flock): concurrent writers of one key run one at a time.
+
+        The lock file is unlinked on release (while still held), so a run -- failed or not --
+        leaves no lock file behind; a waiter that wakes up holding an unlinked file retries.
+        """
         d = self.root / stage / ".locks"
         d.mkdir(parents=True, exist_ok=True)
-        with open(d / f"{key}.lock", "a+") as fh:
+        path = d / f"{key}.lock"
+        waited = False
+        while True:
+            fh = open(path, "a+")  # closed below (or on retry)
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
-                if on_wait:
+                if on_wait and not waited:
                     on_wait()
+                waited = True
                 fcntl.flock(fh, fcntl.LOCK_EX)
             try:
-                yield
-            finally:
-                fcntl.flock(fh, fcntl.LOCK_UN)
+                same = os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino
+            except FileNotFoundError:
+                same = False
+            if same:
+                break
+            fh.close()  # the holder we waited for unlinked this file: lock the new one
+        try:
+            yield
+        finally:
+            with contextlib.suppress(OSError):
+                os.unlink(path)
+            fcntl.flock(fh, fcntl.LOCK_UN)
+            fh.close()
 
     @contextlib.contextmanager
     def writer(
@@ -577,11 +595,16 @@ class Store:
                 info = json.loads(info_p.read_text())
             except (OSError, ValueError):
                 info = {}
-            live = info.get("host") == host and _pid_alive(int(info.get("pid", -1)))
+            # no writer.json (the instants before it is written / after it is removed at
+            # publish): fall back to the pid in the name ".tmp-<key>-<pid>-<rand>" and to age
+            m = re.match(r"^\.tmp-[0-9a-f]+-(\d+)-", tmp.name)
+            pid = int(info.get("pid", m.group(1) if m else -1))
+            same_host = info.get("host", host) == host
+            live = same_host and pid > 0 and _pid_alive(pid)
             age = time.time() - float(info.get("started", tmp.stat().st_mtime))
             if live:
                 continue  # never remove a live writer's temp dir, however old
-            if not info or info.get("host") == host or age > max_age_s:
+            if (info and same_host) or age > max_age_s:
                 removed.append(str(tmp))
                 if not dry_run:
                     shutil.rmtree(tmp, ignore_errors=True)
