@@ -54,9 +54,8 @@ def run_stage(
     mod = get_stage(stage)
     key = compute_key(stage, mod.VERSION, cfg.key_payload(), upstream, extra)
 
-    def say(msg: str) -> None:
-        if not quiet:
-            print(msg, flush=True)
+    def say(msg: str) -> None:  # the outcome line is printed even with --quiet
+        print(msg, flush=True)
 
     if not force and store.exists(stage, key):
         say(f"cached {key}")

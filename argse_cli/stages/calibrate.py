@@ -92,12 +92,13 @@ def _print(rows: list[dict], cfg: Any) -> None:
     from rich.console import Console
     from rich.table import Table
 
-    t = Table(title=f"temperature scaling ({cfg.view} view, {cfg.posterior} posterior)")
-    cols = ["expert", "T"] + [k for k in rows[0] if k not in ("expert", "T")]
-    for c in cols:
+    t = Table(title=f"temperature scaling ({cfg.view} weights, {cfg.posterior} posterior)")
+    for c in ("expert", "T", "split", "NLL before", "NLL after", "ECE before", "ECE after"):
         t.add_column(c, justify="right")
     for r in rows:
-        t.add_row(*(f"{r[c]:.4f}" if isinstance(r[c], float) else str(r[c]) for c in cols))
+        for sname in (cfg.fit_split, "test"):
+            t.add_row(r["expert"], f"{r['T']:.3f}", sname, *(f"{r[f'{sname}_{m}_{w}']:.4f}"
+                      for m in ("nll", "ece") for w in ("before", "after")))
     Console(stderr=True).print(t)
 
 

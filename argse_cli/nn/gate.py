@@ -1,0 +1,150 @@
+"""AR-GSE gating network: C-independent gating features, the MLP gate and the mixture posterior.
+
+Layout convention: expert posteriors are ``[B, E, C]`` (batch, expert, class), float32
+probabilities (rows sum to 1 over C).
+
+Per-expert features (7 per expert, expert-major: ``[B, E, 7]`` flattened to ``[B, 7*E]``),
+with ``p_e`` the posterior of expert e and ``pbar = (1/E) sum_e p_e``:
+
+0. entropy            ``H(p_e) = -sum_y p_ey log p_ey``              (nats, in [0, log C])
+1. top-k mass         ``sum of the k largest p_ey``, k = min(5, C)
+2. residual mass      ``1 - top-k mass``
+3. max probability    ``max_y p_ey``
+4. top1-top2 gap      ``p_e(1) - p_e(2)`` (sorted; equals max prob when C = 1)
+5. KL to the mean     ``KL(p_e || pbar) = sum_y p_ey (log p_ey - log pbar_y)``
+6. cosine to the mean ``<p_e, pbar> / (|p_e| |pbar|)``
+
+None of these depends on C, so the gate input width is ``7*E``. Optionally, a fixed random
+projection of the logits is appended: ``z_e @ R`` with ``R ~ N(0, 1)^[C, d] / sqrt(d)`` drawn
+from a seeded generator (recommended d in 64..128), adding ``E*d`` columns (this part depends
+on C; it is optional).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+
+__all__ = [
+    "FEATURES_PER_EXPERT",
+    "GatingNet",
+    "build_gating_features",
+    "feature_dim",
+    "mixture_posterior",
+    "random_projection_matrix",
+    "straight_through_top1",
+]
+
+FEATURES_PER_EXPERT = 7
+_EPS = 1e-12
+
+
+def feature_dim(num_experts: int, projection_dim: int = 0) -> int:
+    """Gate input width F = 7*E + E*projection_dim."""
+    return FEATURES_PER_EXPERT * num_experts + num_experts * max(int(projection_dim), 0)
+
+
+def random_projection_matrix(num_classes: int, projection_dim: int, seed: int = 0) -> np.ndarray:
+    """Fixed Gaussian projection R [C, d] = N(0, 1) / sqrt(d) from ``numpy.random.default_rng(seed)``."""
+    rng = np.random.default_rng(seed)
+    r = rng.standard_normal((num_classes, projection_dim))
+    return (r / np.sqrt(projection_dim)).astype(np.float32)
+
+
+def _per_expert_features(p: torch.Tensor) -> torch.Tensor:
+    """[B, E, C] float32 probabilities -> [B, E, 7] features (see module docstring)."""
+    C = p.shape[-1]
+    logp = p.clamp_min(_EPS).log()
+    entropy = -(p * logp).sum(-1)
+    k = min(5, C)
+    top = p.topk(min(max(k, 2), C), dim=-1).values
+    topk_mass = top[..., :k].sum(-1)
+    residual = 1.0 - topk_mass
+    pmax = top[..., 0]
+    gap = top[..., 0] - top[..., 1] if C >= 2 else pmax
+    pbar = p.mean(dim=1, keepdim=True)  # [B, 1, C]
+    kl = (p * (logp - pbar.clamp_min(_EPS).log())).sum(-1)
+    dot = (p * pbar).sum(-1)
+    cos = dot / (p.norm(dim=-1) * pbar.norm(dim=-1)).clamp_min(_EPS)
+    return torch.stack([entropy, topk_mass, residual, pmax, gap, kl, cos], dim=-1)
+
+
+def build_gating_features(
+    posteriors: Any, logits: Any = None, projection_dim: int = 0, seed: int = 0
+) -> Any:
+    """Gate input features [B, F] float32 from expert posteriors [B, E, C].
+
+    F = 7*E (entropy, top-k mass, residual mass, max prob, top1-top2 gap, KL(p_e || pbar),
+    cos(p_e, pbar) per expert, expert-major) plus E*projection_dim columns ``logits_e @ R``
+    when ``projection_dim > 0`` (``logits`` [B, E, C] required then; R from
+    :func:`random_projection_matrix` with ``seed``). numpy in -> numpy out, torch in -> torch
+    out (same device). Computed in float32 whatever the input precision.
+    """
+    as_numpy = not isinstance(posteriors, torch.Tensor)
+    p = torch.as_tensor(np.asarray(posteriors)) if as_numpy else posteriors
+    if p.ndim != 3:
+        raise ValueError(f"posteriors must be [B, E, C], got shape {tuple(p.shape)}")
+    p = p.float()
+    B, E, C = p.shape
+    feats = _per_expert_features(p).reshape(B, FEATURES_PER_EXPERT * E)
+    if projection_dim and projection_dim > 0:
+        if logits is None:
+            raise ValueError("projection_dim > 0 needs logits [B, E, C]")
+        z = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
+        z = z.to(p.device).float()
+        if tuple(z.shape) != (B, E, C):
+            raise ValueError(f"logits must have shape {(B, E, C)}, got {tuple(z.shape)}")
+        R = torch.from_numpy(random_projection_matrix(C, int(projection_dim), seed)).to(p.device)
+        feats = torch.cat([feats, (z @ R).reshape(B, E * int(projection_dim))], dim=-1)
+    return feats.cpu().numpy() if as_numpy else feats
+
+
+class GatingNet(nn.Module):
+    """MLP gate: features [B, F] -> logits [B, E] -> softmax weights w [B, E] (rows sum to 1)."""
+
+    def __init__(
+        self,
+        in_dim: int,
+        num_experts: int,
+        hidden: Sequence[int] = (128, 64),
+        dropout: float = 0.1,
+    ):
+        super().__init__()
+        self.in_dim, self.num_experts = int(in_dim), int(num_experts)
+        self.hidden, self.dropout = tuple(int(h) for h in hidden), float(dropout)
+        layers: list[nn.Module] = []
+        d = self.in_dim
+        for h in self.hidden:
+            layers += [nn.Linear(d, h), nn.ReLU(), nn.Dropout(self.dropout)]
+            d = h
+        layers.append(nn.Linear(d, self.num_experts))
+        self.mlp = nn.Sequential(*layers)
+
+    def gate_logits(self, x: torch.Tensor) -> torch.Tensor:
+        """Unnormalised gate scores [B, E]."""
+        return self.mlp(x.float())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        """Mixture weights w = softmax(gate_logits(x)) [B, E]."""
+        return torch.softmax(self.gate_logits(x), dim=-1)
+
+
+def mixture_posterior(w: Any, posteriors: Any) -> Any:
+    """eta_y = sum_e w_e p_ey: weights [B, E], posteriors [B, E, C] -> eta [B, C] float32."""
+    if isinstance(w, torch.Tensor) or isinstance(posteriors, torch.Tensor):
+        w_t = torch.as_tensor(w).float()
+        p_t = torch.as_tensor(posteriors).to(w_t.device).float()
+        return torch.einsum("be,bec->bc", w_t, p_t)
+    w_n = np.asarray(w, dtype=np.float32)
+    p_n = np.asarray(posteriors, dtype=np.float32)
+    return np.einsum("be,bec->bc", w_n, p_n).astype(np.float32, copy=False)
+
+
+def straight_through_top1(w: torch.Tensor) -> torch.Tensor:
+    """Hard routing: forward one_hot(argmax_e w_e), backward d/dw of the soft weights (identity)."""
+    hard = torch.nn.functional.one_hot(w.argmax(-1), w.shape[-1]).to(w.dtype)
+    return hard + (w - w.detach())
