@@ -314,11 +314,14 @@ def _fixed_point(
     c: float | None,
     target: float | None,
     M: int,
+    damping: float = 0.0,
 ) -> tuple[np.ndarray, float]:
     """alpha^(0) = 1; M times: alpha_k <- max(K * P_prior(accept, y in G_k), ALPHA_MIN) with
     P_prior(accept, y in G_k) = sum_{i: g(y_i)=k} wp_i a_i / sum_i wp_i (``w_prior`` = wp), where
     a_i uses the fixed ``c`` or the shift re-chosen at each iteration for coverage ``target``
-    under the view weights ``w``. Returns (alpha^(M), c for alpha^(M))."""
+    under the view weights ``w``. With ``damping`` d > 0 the update is
+    alpha <- (1 - d) K P + d alpha (same fixed points; damps the 2-cycles that the plain update
+    can fall into when the accepted mass moves between groups). Returns (alpha^(M), c for it)."""
     K = st.Mx.shape[1]
     Wp = float(w_prior.sum())
     alpha = np.ones(K, dtype=np.float64)
@@ -327,7 +330,7 @@ def _fixed_point(
         cc = c if target is None else threshold_for_coverage(base, w, target)
         acc = base + cc >= 0.0
         mass = np.bincount(gy[acc], weights=w_prior[acc], minlength=K)
-        alpha = np.maximum(K * mass / Wp, ALPHA_MIN)
+        alpha = np.maximum((1.0 - damping) * K * mass / Wp + damping * alpha, ALPHA_MIN)
     base, _h = _fast_base(st, _u(alpha, beta), mu)
     cc = c if target is None else threshold_for_coverage(base, w, target)
     return alpha, float(cc)
@@ -477,6 +480,52 @@ def fit_cs_plugin(
     )  # fmt: skip
 
 
+def fit_cs_plugin_from_stats(
+    Mx: Any,
+    A: Any,
+    E: Any,
+    y_fit: Any,
+    w_fit: Any,
+    class_to_group: Any,
+    *,
+    sel: tuple | None = None,
+    w_prior: Any = None,
+    c: float | None = None,
+    target_coverage: float | None = None,
+    beta: Any = None,
+    M: int = 10,
+    widen: bool = True,
+    damping: float = 0.0,
+) -> PluginFit:
+    """:func:`fit_cs_plugin` from per-group statistics (Mx = max of eta over G_k, A = its argmax
+    class, E = sum of eta over G_k; each [N, K]) instead of eta [N, C]: O(N K) memory, so a
+    streamed training set of any size can be refitted. ``sel`` = (Mx, A, E, y, w) of the
+    selection split (default: the fit split). With ``target_coverage`` the threshold is the fit
+    data's quantile from the fixed point (not re-chosen on eta, which is not kept)."""
+    if (c is None) == (target_coverage is None):
+        raise ValueError("give exactly one of c / target_coverage")
+    c2g = _c2g(class_to_group)
+    st_f = _Stats(np.asarray(Mx, np.float64), np.asarray(A, np.int64), np.asarray(E, np.float64))
+    y_f = np.asarray(y_fit, np.int64)
+    w_f = np.ones(len(y_f)) if w_fit is None else np.asarray(w_fit, np.float64)
+    wp_f = _prior_weights(w_prior, w_f)
+    if sel is None:
+        st_s, y_s, w_s = st_f, y_f, w_f
+    else:
+        st_s = _Stats(
+            np.asarray(sel[0], np.float64),
+            np.asarray(sel[1], np.int64),
+            np.asarray(sel[2], np.float64),
+        )
+        y_s = np.asarray(sel[3], np.int64)
+        w_s = np.ones(len(y_s)) if sel[4] is None else np.asarray(sel[4], np.float64)
+    return _fit_cs_plugin_stats(
+        st_f, y_f, w_f, wp_f, st_s, y_s, w_s, c2g, eta_f=None, c=c, target=target_coverage,
+        beta=beta, lambda_grid=None, M=M, widen=widen, max_widen=6, method=None, n_steps=150,
+        lr=1.0, mu_bound=20.0, tau_frac=0.05, damping=damping,
+    )  # fmt: skip
+
+
 def _fit_cs_plugin_stats(
     st_f: _Stats,
     y_f: np.ndarray,
@@ -500,6 +549,7 @@ def _fit_cs_plugin_stats(
     lr: float,
     mu_bound: float,
     tau_frac: float,
+    damping: float = 0.0,
 ) -> PluginFit:
     K = int(c2g.max()) + 1
     beta_arr = None if beta is None else np.asarray(beta, dtype=np.float64).reshape(-1)
@@ -510,7 +560,7 @@ def _fit_cs_plugin_stats(
     method = method or ("grid" if K == 2 else "gradient")
 
     def evaluate(mu: np.ndarray) -> tuple[float, np.ndarray, float]:
-        alpha, cc = _fixed_point(st_f, gy_f, w_f, wp_f, mu, beta_arr, c, target, M)
+        alpha, cc = _fixed_point(st_f, gy_f, w_f, wp_f, mu, beta_arr, c, target, M, damping)
         base, pred = _fast_base(st_s, _u(alpha, beta_arr), mu)
         obj = _objective(base + cc >= 0.0, pred, y_s, c2g, w_s, beta_obj, c)
         return obj, alpha, cc
@@ -531,9 +581,9 @@ def _fit_cs_plugin_stats(
     else:
         raise ValueError(f"unknown method {method!r}")
 
-    alpha, cc = _fixed_point(st_f, gy_f, w_f, wp_f, mu_best, beta_arr, c, target, M)
+    alpha, cc = _fixed_point(st_f, gy_f, w_f, wp_f, mu_best, beta_arr, c, target, M, damping)
     rule = PluginRule(alpha, mu_best, cc, beta_arr, c2g)
-    if target is not None:
+    if target is not None and eta_f is not None:
         rule = with_coverage(rule, eta_f, w_f, target)
     info["best_objective"] = float(np.min(objective))
     return PluginFit(rule, grid, objective, widened, method, info)

@@ -38,7 +38,8 @@ class Progress:
         stats = stats or {}
         if self.tty:
             if self._rich is None:
-                from rich.progress import BarColumn, MofNCompleteColumn, Progress as RP, TextColumn
+                from rich.progress import BarColumn, MofNCompleteColumn, TextColumn
+                from rich.progress import Progress as RP
 
                 self._rich = RP(
                     TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),

@@ -37,7 +37,13 @@ from typing import Any
 
 STAGE = "import-logits"
 VERSION = 1
-CODE = ("stages/import_logits.py", "readers.py", "data/groups.py", "data/splits.py", "experts/losses.py")
+CODE = (
+    "stages/import_logits.py",
+    "readers.py",
+    "data/groups.py",
+    "data/splits.py",
+    "experts/losses.py",
+)
 
 FP16_MAX = 65504.0  # largest finite float16
 F32_MAX = 3.4028234663852886e38
@@ -62,27 +68,43 @@ def file_roles(cfg: Any) -> dict[str, str]:
     names = [e.name for e in cfg.experts]
     dup = sorted({n for n in names if names.count(n) > 1})
     if dup:
-        raise ArgseError("import_logits.experts", f"expert name {dup[0]!r} is used twice", "give each expert a unique name")
+        raise ArgseError(
+            "import_logits.experts",
+            f"expert name {dup[0]!r} is used twice",
+            "give each expert a unique name",
+        )
     for e in cfg.experts:
         for s in splits:
             if s not in e.logits:
-                raise ArgseError(f"import_logits.experts.{e.name}.logits", f"split {s} is missing",
-                                 f"give logits for every held-out split: {', '.join(splits)}")
+                raise ArgseError(
+                    f"import_logits.experts.{e.name}.logits",
+                    f"split {s} is missing",
+                    f"give logits for every held-out split: {', '.join(splits)}",
+                )
             roles[f"logits.{e.name}.{s}"] = e.logits[s]
         extra = sorted(set(e.logits) - set(splits) - {"train"})
         if extra:
-            raise ArgseError(f"import_logits.experts.{e.name}.logits", f"unknown split {extra[0]!r}",
-                             f"use {', '.join(splits)} (train is optional and ignored)")
+            raise ArgseError(
+                f"import_logits.experts.{e.name}.logits",
+                f"unknown split {extra[0]!r}",
+                f"use {', '.join(splits)} (train is optional and ignored)",
+            )
     for what, table in (("labels", cfg.labels), ("weights", cfg.weights)):
         if table is None:
             continue
         for s in splits:
             if s not in table:
                 if what == "weights":
-                    raise ArgseError("import_logits.weights", f"split {s} is missing",
-                                     "give a weights file for every held-out split, or none")
-                raise ArgseError("import_logits.labels", f"split {s} is missing",
-                                 f"give labels for every held-out split: {', '.join(splits)}")
+                    raise ArgseError(
+                        "import_logits.weights",
+                        f"split {s} is missing",
+                        "give a weights file for every held-out split, or none",
+                    )
+                raise ArgseError(
+                    "import_logits.labels",
+                    f"split {s} is missing",
+                    f"give labels for every held-out split: {', '.join(splits)}",
+                )
             roles[f"{what}.{s}"] = table[s]
     roles["class_counts"] = cfg.class_counts
     if cfg.class_to_group:
@@ -163,8 +185,9 @@ def run(cfg: Any, store: Any, force: bool = False, quiet: bool = False) -> str:
     """Run (or find cached) the import; returns its key."""
     from . import run_stage
 
-    key, _ = run_stage("import-logits", cfg, {}, {}, store, force=force, extra=key_extra(cfg, store),
-                       quiet=quiet)
+    key, _ = run_stage(
+        "import-logits", cfg, {}, {}, store, force=force, extra=key_extra(cfg, store), quiet=quiet
+    )
     return key
 
 
@@ -216,13 +239,19 @@ def scan_source(src: Any, field: str) -> float:
         ok = np.isfinite(block).all(axis=-1)
         if not ok.all():
             r = a + int(np.argmin(ok))
-            raise ArgseError(field, f"row {r} of {src.spec} holds NaN or inf logits",
-                             "fix or drop the non-finite rows (every row needs finite logits)")
+            raise ArgseError(
+                field,
+                f"row {r} of {src.spec} holds NaN or inf logits",
+                "fix or drop the non-finite rows (every row needs finite logits)",
+            )
         if block.dtype != np.float16 and len(block):
             worst = max(worst, float(row_range(block).max()))
     if worst > F32_MAX:
-        raise ArgseError(field, f"{src.spec}: a row's logit range {worst:.3g} exceeds float32",
-                         "rescale the logits")
+        raise ArgseError(
+            field,
+            f"{src.spec}: a row's logit range {worst:.3g} exceeds float32",
+            "rescale the logits",
+        )
     return worst
 
 
@@ -249,14 +278,20 @@ def load_groups(cfg: Any, counts: Any) -> tuple[Any, int]:
     if cfg.class_to_group:
         c2g = load_int_vector(cfg.class_to_group, "import_logits.class_to_group", minimum=0)
         if len(c2g) != C:
-            raise ArgseError("import_logits.class_to_group", f"{len(c2g)} entries for {C} classes",
-                             "give one group id per class")
+            raise ArgseError(
+                "import_logits.class_to_group",
+                f"{len(c2g)} entries for {C} classes",
+                "give one group id per class",
+            )
         K = int(c2g.max()) + 1
         sizes = np.bincount(c2g, minlength=K)
         if (sizes == 0).any():
             k = int(np.argmin(sizes))
-            raise ArgseError("import_logits.class_to_group", f"group {k} is empty (no class maps to it)",
-                             f"use group ids 0..K-1 with every group holding a class (K = {K})")
+            raise ArgseError(
+                "import_logits.class_to_group",
+                f"group {k} is empty (no class maps to it)",
+                f"use group ids 0..K-1 with every group holding a class (K = {K})",
+            )
     else:
         c2g = get_class_to_group(counts, cfg.group_rule)
         K = int(c2g.max()) + 1
@@ -272,15 +307,20 @@ def load_labels(cfg: Any, s: str, n: int, C: int) -> Any:
     field = f"import_logits.labels.{s}"
     y = load_vector(cfg.labels[s], field)
     if len(y) != n:
-        raise ArgseError(field, f"{len(y)} labels for {n} logit rows", "give one label per row, in row order")
+        raise ArgseError(
+            field, f"{len(y)} labels for {n} logit rows", "give one label per row, in row order"
+        )
     if y.dtype.kind == "f" and (not np.all(np.isfinite(y)) or np.any(y != np.round(y))):
         raise ArgseError(field, "labels must be integers", "store integer class ids")
     y = y.astype(np.int64)
     bad = (y < 0) | (y >= C)
     if bad.any():
         i = int(np.argmax(bad))
-        raise ArgseError(field, f"label {int(y[i])} at row {i} is outside [0, {C})",
-                         f"labels are class ids 0..{C - 1} of the {C} classes in class_counts")
+        raise ArgseError(
+            field,
+            f"label {int(y[i])} at row {i} is outside [0, {C})",
+            f"labels are class ids 0..{C - 1} of the {C} classes in class_counts",
+        )
     return y
 
 
@@ -300,7 +340,9 @@ def split_weights_of(cfg: Any, s: str, y: Any, counts: Any) -> tuple[Any, Any]:
     if len(w) != len(y):
         raise ArgseError(field, f"{len(w)} weights for {len(y)} rows", "give one weight per row")
     if not np.all(np.isfinite(w)) or (w < 0).any() or w.sum() <= 0:
-        raise ArgseError(field, "weights must be finite, >= 0 and not all 0", "fix the weights file")
+        raise ArgseError(
+            field, "weights must be finite, >= 0 and not all 0", "fix the weights file"
+        )
     pi = counts.astype(np.float64) / counts.sum()
     return w, w * (1.0 / len(counts)) / pi[y]
 
@@ -326,29 +368,49 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
             field = f"import_logits.experts.{e.name}.logits.{s}"
             src = open_logits(e.logits[s], field)
             if src.ndim != 2:
-                raise ArgseError(field, f"{src.spec} has shape {src.shape}", "store logits as [N, C]")
+                raise ArgseError(
+                    field, f"{src.spec} has shape {src.shape}", "store logits as [N, C]"
+                )
             if srcs and src.shape[1] != srcs[0].shape[1]:
-                raise ArgseError(field, f"{src.shape[1]} classes, but expert {cfg.experts[0].name!r} has "
-                                 f"{srcs[0].shape[1]} in split {s}", "every expert must score the same classes")
+                raise ArgseError(
+                    field,
+                    f"{src.shape[1]} classes, but expert {cfg.experts[0].name!r} has "
+                    f"{srcs[0].shape[1]} in split {s}",
+                    "every expert must score the same classes",
+                )
             if srcs and src.shape[0] != srcs[0].shape[0]:
-                raise ArgseError(field, f"{src.shape[0]} rows, but expert {cfg.experts[0].name!r} has "
-                                 f"{srcs[0].shape[0]} in split {s}", "every expert must score the same rows")
+                raise ArgseError(
+                    field,
+                    f"{src.shape[0]} rows, but expert {cfg.experts[0].name!r} has "
+                    f"{srcs[0].shape[0]} in split {s}",
+                    "every expert must score the same rows",
+                )
             srcs.append(src)
         if srcs[0].shape[1] != C:
-            raise ArgseError("import_logits.class_counts", f"{C} class counts, but the logits have "
-                             f"{srcs[0].shape[1]} classes", "give one training count per logit column")
+            raise ArgseError(
+                "import_logits.class_counts",
+                f"{C} class counts, but the logits have {srcs[0].shape[1]} classes",
+                "give one training count per logit column",
+            )
         n = srcs[0].shape[0]
         if n == 0:
-            raise ArgseError(f"import_logits.labels.{s}", "split is empty", "give at least one row per split")
+            raise ArgseError(
+                f"import_logits.labels.{s}", "split is empty", "give at least one row per split"
+            )
         y = load_labels(cfg, s, n, C)
         present = np.bincount(c2g[y], minlength=K)
         if (present == 0).any():
             k = int(np.argmin(present))
-            raise ArgseError(f"import_logits.labels.{s}", f"group {k} has no rows in split {s} (empty group)",
-                             "every group needs samples in every held-out split; change the grouping")
+            raise ArgseError(
+                f"import_logits.labels.{s}",
+                f"group {k} has no rows in split {s} (empty group)",
+                "every group needs samples in every held-out split; change the grouping",
+            )
         w_lt, w_bal = split_weights_of(cfg, s, y, counts)
-        worst = max(scan_source(src, f"import_logits.experts.{e.name}.logits.{s}")
-                    for e, src in zip(cfg.experts, srcs, strict=True))
+        worst = max(
+            scan_source(src, f"import_logits.experts.{e.name}.logits.{s}")
+            for e, src in zip(cfg.experts, srcs, strict=True)
+        )
         dtype = storage_dtype(worst)
         order = np.random.default_rng([cfg.seed, si]).permutation(n).astype(np.int64)
         cr = cfg.chunk_rows
@@ -365,21 +427,47 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
         del srcs
     out.array("class_counts", counts.astype(np.int64))
     out.array("class_to_group", c2g)
-    experts = [{"key": e.name, "name": e.name, "loss": e.loss, "tau": posterior_tau(e.loss), "depth": None,
-                "test_class_balanced_acc": class_balanced_accuracy(test_pred[:, i], test_y, C)}
-               for i, e in enumerate(cfg.experts)]
+    experts = [
+        {
+            "key": e.name,
+            "name": e.name,
+            "loss": e.loss,
+            "tau": posterior_tau(e.loss),
+            "depth": None,
+            "test_class_balanced_acc": class_balanced_accuracy(test_pred[:, i], test_y, C),
+        }
+        for i, e in enumerate(cfg.experts)
+    ]
     out.meta.update(
-        experts=experts, splits=sizes, sizes=sizes, num_classes=C, num_experts=E, num_groups=K,
-        chunk_rows=cfg.chunk_rows, dtypes=dtypes, source="import",
+        experts=experts,
+        splits=sizes,
+        sizes=sizes,
+        num_classes=C,
+        num_experts=E,
+        num_groups=K,
+        chunk_rows=cfg.chunk_rows,
+        dtypes=dtypes,
+        source="import",
         layout="s/logits float16 [N, E, C] (row max subtracted; float32 where a row's range overflows fp16)",
         group_source="file" if cfg.class_to_group else cfg.group_rule,
         files={r: str(v) for r, v in roles.items()},
     )
-    progress.log(f"import-logits: E={E} C={C} K={K} " + ", ".join(f"{s}={sizes[s]} ({dtypes[s]})" for s in splits))
+    progress.log(
+        f"import-logits: E={E} C={C} K={K} "
+        + ", ".join(f"{s}={sizes[s]} ({dtypes[s]})" for s in splits)
+    )
 
 
-def _write_logits(out: Any, s: str, srcs: list, order: Any, dtype: Any, cr: int, progress: Any,
-                  keep_argmax: bool = False) -> Any:
+def _write_logits(
+    out: Any,
+    s: str,
+    srcs: list,
+    order: Any,
+    dtype: Any,
+    cr: int,
+    progress: Any,
+    keep_argmax: bool = False,
+) -> Any:
     """Write s/logits [N, E, C] in ``order`` (row i = source row order[i]), chunk by chunk.
 
     Memory-mapped sources: each output chunk gathers its rows. Sequential sources: a window of

@@ -1,0 +1,489 @@
+"""Readers for logits, labels and class counts produced outside argse ("bring your own experts").
+
+A *spec* is a path, optionally followed by ``:key`` naming one array inside a container
+(``file.npz:logits``, ``file.safetensors:test``, ``dir.zarr:group/array``, ``file.pt:logits``).
+The key may be left out when the container holds exactly one array.
+
+:func:`open_logits` returns a :class:`LogitsSource` (``.shape``, ``.dtype``, row slicing ``[a:b]``
+and ``take(idx)``) that never loads a whole large file when the format allows slicing:
+
+========================  ======================================================  ===========
+format                    how rows are read                                       random rows
+========================  ======================================================  ===========
+``.npy``                  ``np.load(mmap_mode="r")``                              cheap
+``.npz`` (stored member)  the member's bytes memory-mapped inside the zip         cheap
+``.npz`` (deflated)       **the whole member is read into memory** (a compressed  cheap
+                          zip member cannot be memory-mapped or sliced)
+``.safetensors``          ``safe_open(framework="numpy").get_slice`` for row      cheap
+                          blocks; the tensor's byte range memory-mapped for
+                          random rows and for bf16 (numpy has no bf16)
+Zarr array directory      ``zarr.open_array(mode="r")`` slices                    sequential
+``.pt`` / ``.pth``        ``torch.load(weights_only=True, mmap=True)`` (a tensor  cheap
+                          or a dict holding one under ``key``); a legacy non-zip
+                          file is loaded whole
+========================  ======================================================  ===========
+
+"sequential" sources are read front to back in row blocks (never randomly); the importer
+gathers a seeded row permutation from them window by window. bf16 rows are widened to float32
+exactly. Labels / weights: ``.npy``, ``.npz[:key]``, ``.json`` (a list), ``.txt`` / ``.csv`` (one
+value per line). Class counts: a JSON list or a CSV (one count per line, or ``class,count`` rows;
+a header line is skipped).
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+from .errors import ArgseError
+
+LOGITS_SUFFIXES = (".npy", ".npz", ".safetensors", ".pt", ".pth", ".zarr")
+_FIX_FMT = "use .npy, .npz[:key], .safetensors[:key], a Zarr array directory or .pt[:key]"
+
+
+def split_spec(spec: str, field: str = "file") -> tuple[Path, str | None]:
+    """``"path[:key]"`` -> (path, key). A path that exists as written wins over a ``:key`` split."""
+    p = Path(spec)
+    if p.exists():
+        return p, None
+    if ":" in spec:
+        head, key = spec.rsplit(":", 1)
+        if Path(head).exists() and key:
+            return Path(head), key
+    raise ArgseError(
+        field, f"{spec} not found", "give an existing file (path[:key] for containers)"
+    )
+
+
+def _is_zarr_dir(p: Path) -> bool:
+    return p.is_dir() and any((p / m).exists() for m in ("zarr.json", ".zarray", ".zgroup"))
+
+
+# ---------------------------------------------------------------------------------- sources
+class LogitsSource:
+    """Rows of a 2-D logits array [N, C]; subclasses read lazily.
+
+    ``dtype`` is the numpy dtype of the blocks returned (bf16 sources return float32);
+    ``source_dtype`` names the dtype on disk; ``random_access`` says whether ``take`` is cheap.
+    """
+
+    spec: str
+    shape: tuple[int, ...]
+    dtype: Any
+    source_dtype: str
+    random_access: bool = True
+
+    def __len__(self) -> int:
+        return int(self.shape[0])
+
+    @property
+    def ndim(self) -> int:
+        return len(self.shape)
+
+    def read(self, a: int, b: int) -> Any:
+        raise NotImplementedError
+
+    def __getitem__(self, sl: slice) -> Any:
+        if not isinstance(sl, slice) or sl.step not in (None, 1):
+            raise TypeError("logits sources support contiguous row slices [a:b] only; use take()")
+        a, b, _ = sl.indices(len(self))
+        return self.read(a, max(a, b))
+
+    def take(self, idx: Any) -> Any:
+        """Rows ``idx`` (any order) as one array; read in ascending order for locality."""
+        import numpy as np
+
+        idx = np.asarray(idx, dtype=np.int64)
+        s = np.argsort(idx, kind="stable")
+        block = self._take_sorted(idx[s])
+        out = np.empty_like(block)
+        out[s] = block
+        return out
+
+    def _take_sorted(self, idx: Any) -> Any:  # ascending indices
+        lo, hi = int(idx[0]), int(idx[-1]) + 1
+        return self.read(lo, hi)[idx - lo]
+
+
+class ArraySource(LogitsSource):
+    """A numpy array or memmap (npy, stored npz member, torch mmap, in-memory)."""
+
+    def __init__(self, spec: str, arr: Any, source_dtype: str | None = None):
+        self.spec, self._a = spec, arr
+        self.shape = tuple(int(s) for s in arr.shape)
+        self.source_dtype = source_dtype or str(arr.dtype)
+        self.dtype = _np_dtype(arr.dtype)
+
+    def read(self, a: int, b: int) -> Any:
+        import numpy as np
+
+        return np.asarray(self._a[a:b])
+
+    def _take_sorted(self, idx: Any) -> Any:
+        import numpy as np
+
+        return np.asarray(self._a[idx])
+
+
+class SafetensorsSource(LogitsSource):
+    """``safe_open(framework="numpy").get_slice`` for blocks; the tensor's bytes memory-mapped
+    (offsets from the file header) for random rows and bf16."""
+
+    def __init__(self, spec: str, path: Path, key: str | None):
+        from safetensors import safe_open
+
+        self.spec = spec
+        self._f = safe_open(str(path), framework="numpy")
+        keys = list(self._f.keys())
+        key = _pick_key(keys, key, spec)
+        self._slice = self._f.get_slice(key)
+        self.shape = tuple(int(s) for s in self._slice.get_shape())
+        st = self._slice.get_dtype()
+        self.source_dtype = st
+        dt = _SAFETENSORS_DTYPES.get(st)
+        if dt is None:
+            raise ArgseError(
+                "logits", f"{spec}: unsupported safetensors dtype {st}", "store F16/BF16/F32/F64"
+            )
+        self._mm = _safetensors_memmap(path, key, dt, self.shape)
+        self._bf16 = st == "BF16"
+        self.dtype = _np_dtype("float32") if self._bf16 else _np_dtype(dt)
+
+    def read(self, a: int, b: int) -> Any:
+        import numpy as np
+
+        if self._bf16:
+            return _bf16_to_f32(np.asarray(self._mm[a:b]))
+        return np.asarray(self._slice[a:b])
+
+    def _take_sorted(self, idx: Any) -> Any:
+        import numpy as np
+
+        x = np.asarray(self._mm[idx])
+        return _bf16_to_f32(x) if self._bf16 else x
+
+
+class ZarrSource(LogitsSource):
+    """A Zarr array (v2 or v3) read by row slices; random rows are not cheap (chunked, compressed)."""
+
+    random_access = False
+
+    def __init__(self, spec: str, path: Path, key: str | None):
+        import zarr
+
+        self.spec = spec
+        try:
+            node = zarr.open(str(path), mode="r")
+            if key is not None:
+                node = node[key]
+            elif hasattr(node, "members"):
+                arrays = [k for k, v in node.members() if hasattr(v, "dtype")]
+                node = node[_pick_key(arrays, None, spec)]
+        except ArgseError:
+            raise
+        except Exception as e:  # noqa: BLE001 - any open failure -> one line
+            raise ArgseError(
+                "logits", f"{spec}: cannot open as a Zarr array ({e.__class__.__name__})", _FIX_FMT
+            ) from None
+        self._z = node
+        self.shape = tuple(int(s) for s in node.shape)
+        self.source_dtype = str(node.dtype)
+        self.dtype = node.dtype
+
+    def read(self, a: int, b: int) -> Any:
+        import numpy as np
+
+        return np.asarray(self._z[a:b])
+
+
+_SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "BF16": "uint16"}
+
+
+def _np_dtype(name: str) -> Any:
+    import numpy as np
+
+    return np.dtype(name)
+
+
+def _bf16_to_f32(u16: Any) -> Any:
+    """bfloat16 bit patterns (uint16) -> float32, exactly (bf16 is the top half of a float32)."""
+    import numpy as np
+
+    return (np.asarray(u16, dtype=np.uint16).astype(np.uint32) << 16).view(np.float32)
+
+
+def _safetensors_memmap(path: Path, key: str, dtype: str, shape: tuple) -> Any:
+    """Memory-map one tensor: 8-byte little-endian header size n, n bytes of JSON, then data."""
+    import numpy as np
+
+    with open(path, "rb") as fh:
+        n = int.from_bytes(fh.read(8), "little")
+        header = json.loads(fh.read(n))
+    begin, end = header[key]["data_offsets"]
+    if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+        raise ArgseError(
+            "logits", f"{path}:{key}: byte range does not match its shape", "re-save the file"
+        )
+    return np.memmap(path, dtype=dtype, mode="r", offset=8 + n + begin, shape=shape)
+
+
+def _pick_key(keys: list[str], key: str | None, spec: str) -> str:
+    if key is not None:
+        if key not in keys:
+            raise ArgseError(
+                "logits", f"{spec}: no array {key!r} (has {keys[:8]})", "name an existing key"
+            )
+        return key
+    if len(keys) == 1:
+        return keys[0]
+    raise ArgseError(
+        "file", f"{spec} holds {len(keys)} arrays {keys[:8]}", "write path:key to pick one"
+    )
+
+
+def _npz_member(path: Path, key: str | None, spec: str) -> Any:
+    """A stored (uncompressed) npz member as a memmap; a deflated one read whole (documented)."""
+    import zipfile
+
+    import numpy as np
+
+    with zipfile.ZipFile(path) as zf:
+        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+        key = _pick_key(names, key, spec)
+        info = zf.getinfo(key + ".npy")
+        stored = info.compress_type == zipfile.ZIP_STORED
+        offset = info.header_offset
+    if stored:
+        with open(path, "rb") as fh:
+            fh.seek(offset)
+            local = fh.read(30)
+            if local[:4] != b"PK\x03\x04":
+                raise ArgseError("logits", f"{spec}: corrupt zip member header", "re-save the file")
+            name_len = int.from_bytes(local[26:28], "little")
+            extra_len = int.from_bytes(local[28:30], "little")
+            fh.seek(offset + 30 + name_len + extra_len)
+            version = np.lib.format.read_magic(fh)
+            if version == (1, 0):
+                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+            else:
+                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            data_at = fh.tell()
+        if dtype.hasobject:
+            raise ArgseError("logits", f"{spec}: object arrays are refused", "save a numeric array")
+        return np.memmap(
+            path, dtype=dtype, mode="r", offset=data_at, shape=shape, order="F" if fortran else "C"
+        )
+    with np.load(path, allow_pickle=False) as z:
+        return z[key]
+
+
+def _torch_array(path: Path, key: str | None, spec: str) -> tuple[Any, str]:
+    """(array-like, source dtype) of a tensor saved with torch.save (weights_only)."""
+    import torch
+
+    try:
+        obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
+    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: load it whole
+        obj = torch.load(str(path), map_location="cpu", weights_only=True)
+    except Exception as e:  # noqa: BLE001 - the weights-only unpickler refuses arbitrary objects
+        raise ArgseError(
+            "logits",
+            f"{spec}: not loadable with weights_only=True ({e.__class__.__name__})",
+            "save a tensor or a dict of tensors with torch.save",
+        ) from None
+    if isinstance(obj, dict):
+        keys = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
+        obj = obj[_pick_key(keys, key, spec)]
+    elif key is not None:
+        raise ArgseError(
+            "logits", f"{spec}: the file holds one tensor, not a dict", "drop the :key"
+        )
+    if not isinstance(obj, torch.Tensor):
+        raise ArgseError(
+            "logits", f"{spec}: holds a {type(obj).__name__}, not a tensor", "save a tensor"
+        )
+    t = obj.detach()
+    if t.dtype == torch.bfloat16:
+        return _TorchRows(t), "bfloat16"
+    return t.numpy(), str(t.dtype).replace("torch.", "")
+
+
+class _TorchRows:
+    """Row access to a bf16 tensor, widened to a float32 numpy array per request."""
+
+    def __init__(self, t: Any):
+        self._t, self.shape, self.dtype = t, tuple(t.shape), _np_dtype("float32")
+
+    def __getitem__(self, idx: Any) -> Any:
+        import numpy as np
+        import torch
+
+        if not isinstance(idx, slice):
+            idx = torch.from_numpy(np.asarray(idx, dtype=np.int64))
+        return self._t[idx].float().numpy()
+
+
+def open_logits(spec: str, field: str = "logits") -> LogitsSource:
+    """Open a logits spec ([N, C] floats) without loading it when the format allows slicing."""
+    import numpy as np
+
+    path, key = split_spec(spec, field)
+    suffix = path.suffix.lower()
+    if _is_zarr_dir(path) or suffix == ".zarr":
+        src: LogitsSource = ZarrSource(spec, path, key)
+    elif suffix == ".npy":
+        if key is not None:
+            raise ArgseError(field, f"{spec}: a .npy file holds one array", "drop the :key")
+        try:
+            arr = np.load(path, mmap_mode="r", allow_pickle=False)
+        except ValueError as e:
+            raise ArgseError(
+                field, f"{spec}: not a numeric .npy ({e})", "save a float array"
+            ) from None
+        src = ArraySource(spec, arr)
+    elif suffix == ".npz":
+        src = ArraySource(spec, _npz_member(path, key, spec))
+    elif suffix == ".safetensors":
+        src = SafetensorsSource(spec, path, key)
+    elif suffix in (".pt", ".pth"):
+        arr, sdt = _torch_array(path, key, spec)
+        src = ArraySource(spec, arr, source_dtype=sdt)
+    else:
+        raise ArgseError(
+            field, f"{spec}: unknown logits format {suffix or '(no suffix)'}", _FIX_FMT
+        )
+    dt = np.dtype(src.dtype)
+    if dt.kind not in "fiu":
+        raise ArgseError(
+            field, f"{spec}: logits of dtype {dt} (need floats)", "save float16/32/64 logits"
+        )
+    return src
+
+
+# ---------------------------------------------------------------------------------- vectors
+def load_vector(spec: str, field: str) -> Any:
+    """A 1-D array from .npy / .npz[:key] / .json (list) / .txt / .csv (one value per line)."""
+    import numpy as np
+
+    path, key = split_spec(spec, field)
+    suffix = path.suffix.lower()
+    try:
+        if suffix == ".npy":
+            v = np.load(path, allow_pickle=False)
+        elif suffix == ".npz":
+            with np.load(path, allow_pickle=False) as z:
+                v = z[_pick_key(list(z.keys()), key, spec)]
+        elif suffix == ".json":
+            doc = json.loads(path.read_text())
+            if isinstance(doc, dict) and key is not None:
+                doc = doc[key]
+            v = np.asarray(doc)
+        elif suffix in (".txt", ".csv"):
+            v = np.asarray(_csv_numbers(path, field)[:, -1])
+        elif suffix in (".pt", ".pth"):
+            arr, _ = _torch_array(path, key, spec)
+            v = np.asarray(arr[:])
+        else:
+            raise ArgseError(
+                field,
+                f"{spec}: unknown format {suffix or '(no suffix)'}",
+                "use .npy, .npz[:key], .json or .csv",
+            )
+    except (ValueError, KeyError, OSError, TypeError) as e:
+        raise ArgseError(
+            field, f"{spec}: unreadable ({e.__class__.__name__}: {e})", "save a 1-D numeric array"
+        ) from None
+    v = np.asarray(v)
+    if v.ndim != 1 or v.dtype.kind not in "fiub":
+        raise ArgseError(
+            field,
+            f"{spec}: need a 1-D numeric array, got shape {v.shape} dtype {v.dtype}",
+            "save a 1-D numeric array",
+        )
+    return v
+
+
+def _csv_numbers(path: Path, field: str) -> Any:
+    import numpy as np
+
+    rows = []
+    for i, line in enumerate(path.read_text().splitlines()):
+        line = line.strip()
+        if not line or line.startswith("#"):
+            continue
+        parts = [p.strip() for p in line.replace(";", ",").split(",") if p.strip()]
+        try:
+            rows.append([float(p) for p in parts])
+        except ValueError:
+            if rows:  # only the first line may be a header
+                raise ArgseError(
+                    field,
+                    f"{path}: line {i + 1} is not numeric",
+                    "one number (or class,count) per line",
+                ) from None
+    widths = {len(r) for r in rows}
+    if not rows or len(widths) != 1 or widths.pop() not in (1, 2):
+        raise ArgseError(field, f"{path}: need one value or class,value per line", "fix the CSV")
+    a = np.asarray(rows, dtype=np.float64)
+    if a.shape[1] == 2:  # class,count rows, any order: must name each class 0..C-1 once
+        cls = a[:, 0]
+        C = len(a)
+        if not np.array_equal(np.sort(cls), np.arange(C)):
+            raise ArgseError(
+                field, f"{path}: the first column must list 0..{C - 1} once each", "fix the CSV"
+            )
+        a = a[np.argsort(cls)]
+    return a
+
+
+def load_int_vector(spec: str, field: str, minimum: int = 0) -> Any:
+    """A 1-D int64 vector (integral values >= minimum) from any :func:`load_vector` format."""
+    import numpy as np
+
+    v = load_vector(spec, field)
+    if v.dtype.kind == "f":
+        if not np.all(np.isfinite(v)) or np.any(v != np.round(v)):
+            raise ArgseError(field, f"{spec}: values must be integers", "store integer values")
+    v = v.astype(np.int64)
+    if len(v) and v.min() < minimum:
+        i = int(np.argmax(v < minimum))
+        raise ArgseError(
+            field,
+            f"{spec}: value {int(v[i])} at position {i} is below {minimum}",
+            f"every value must be >= {minimum}",
+        )
+    return v
+
+
+def load_class_counts(spec: str, field: str = "class_counts") -> Any:
+    """Training class counts (int64 [C], every count >= 1 so that log pi_train is finite)."""
+    v = load_int_vector(spec, field, minimum=0)
+    if len(v) < 2:
+        raise ArgseError(
+            field, f"{spec}: {len(v)} classes", "list one training count per class (C >= 2)"
+        )
+    if (v == 0).any():
+        i = int((v == 0).argmax())
+        raise ArgseError(
+            field,
+            f"{spec}: class {i} has 0 training samples (log pi_train = -inf)",
+            "every class needs at least one training sample",
+        )
+    return v
+
+
+def file_stamp(path: Path) -> list:
+    """(size, mtime_ns) of a file, or of every file under a directory (for fingerprint memos)."""
+    path = Path(path)
+    if path.is_dir():
+        out = []
+        for root, _, files in sorted(os.walk(path)):
+            for f in sorted(files):
+                p = Path(root) / f
+                st = p.stat()
+                out.append([str(p.relative_to(path)), st.st_size, st.st_mtime_ns])
+        return out
+    st = path.stat()
+    return [st.st_size, st.st_mtime_ns]
