@@ -11,7 +11,7 @@ DOWNLOAD ?= 0
 export ARGSE_DATA := $(DATA)
 export ARGSE_STORE := $(STORE)
 
-.PHONY: install data demo test test-all lint schemas digests bench reproduce clean
+.PHONY: install data demo test test-all lint schemas digests bench reproduce results-c100lt clean
 
 install: $(VENV)/.installed
 
@@ -85,6 +85,32 @@ reproduce: install data
 	  $$(for s in 42 43 44 45 46; do for b in "--beta balanced" "--beta worst --xi 1.0"; do \
 	    echo --eval $$($(ARGSE) eval $(REPRO) --gate $$($(ARGSE) train-gate $(REPRO) $$b --seed $$s --print-key) --print-key); done; done) \
 	  --baselines $$($(ARGSE) baselines $(REPRO) --print-key)
+
+# CIFAR-100-LT on the published expert logits (../shared/data/cifar100lt-logits), 5 gate seeds.
+C100 := build/c100lt
+C100NPZ := $(SHARED)/data/cifar100lt-logits/cifar100lt_real_logits.npz
+C100CFG := --config $(C100)/pipeline.yaml
+SEEDS := 42 43 44 45 46
+$(C100)/pipeline.yaml: $(C100NPZ) argse_cli/data/c100lt.py
+	$(PY) -m argse_cli.data.c100lt $(C100NPZ) $(C100)
+
+results-c100lt: install $(C100)/pipeline.yaml
+	$(ARGSE) import-logits $(C100CFG)
+	$(ARGSE) calibrate $(C100CFG)
+	for s in $(SEEDS); do \
+	  $(ARGSE) train-gate $(C100CFG) --beta balanced --seed $$s -q && \
+	  $(ARGSE) train-gate $(C100CFG) --beta worst --xi 1.0 --seed $$s -q && \
+	  $(ARGSE) eval $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) --beta balanced --seed $$s --print-key) -q && \
+	  $(ARGSE) eval $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) --beta worst --xi 1.0 --seed $$s --print-key) -q \
+	  || exit 1; \
+	done
+	$(ARGSE) baselines $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) --beta balanced --seed 42 --print-key) -q
+	$(ARGSE) report $(C100CFG) --out reports/c100lt \
+	  $$(for s in $(SEEDS); do for b in "--beta balanced" "--beta worst --xi 1.0"; do \
+	    echo --eval $$($(ARGSE) eval $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) $$b --seed $$s --print-key) --print-key); done; done) \
+	  --baselines $$($(ARGSE) baselines $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) --beta balanced --seed 42 --print-key) --print-key) -q
+	$(PY) -m argse_cli.report.markdown reports/c100lt $(C100)/protocol.json > docs/RESULTS.md
+	@echo "wrote docs/RESULTS.md"
 
 clean:
 	rm -rf $(STORE) reports

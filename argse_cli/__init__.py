@@ -7,6 +7,7 @@ CLI's cache check stays fast:
 - ``plugin_margin(eta, alpha, mu, c, class_to_group, beta=None)``
 - ``build_gating_features(posteriors)``
 - ``selective_metrics(...)``, ``rc_curve(...)``, ``aurc(...)``
+- ``load_rejector(key, store=None)``: a stored gate + rejector, ``.apply(logits_per_expert)``
 """
 
 from __future__ import annotations
@@ -25,6 +26,7 @@ _API = {
     "selective_metrics": "argse_cli.metrics",
     "rc_curve": "argse_cli.metrics",
     "aurc": "argse_cli.metrics",
+    "load_rejector": "argse_cli.apply",
 }
 __all__ = sorted(_API)
 

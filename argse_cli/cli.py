@@ -414,7 +414,8 @@ def import_logits(
     p.override("import-logits", parse_set(set_))
     cfg = p.config("import-logits")
     if print_key or print_config:
-        _emit("import-logits", cfg, key_of("import-logits", cfg, {}, key_extra(cfg)), print_config, print_key)
+        extra = key_extra(cfg, p.store, write=False)
+        _emit("import-logits", cfg, key_of("import-logits", cfg, {}, extra), print_config, print_key)
         return
     run(cfg, p.store, force=force, quiet=quiet)
 
@@ -432,6 +433,42 @@ def apply(
     from .store import Store
 
     print(apply_files(gate, [str(x) for x in logits], str(out), Store(store).root))
+
+
+# -------------------------------------------------------------------------------- sweep
+@app.command()
+@handled
+def sweep(
+    config: ConfigOpt = None,
+    seeds: Annotated[str | None, typer.Option(help="comma list of seeds, e.g. 42,43,44")] = None,
+    loss: Annotated[list[str] | None, typer.Option(help="expert losses (repeatable or comma list)")] = None,
+    beta: Annotated[list[str] | None, typer.Option(help="gate variants: balanced / worst (repeatable)")] = None,
+    executor: Annotated[str, typer.Option(help="inprocess | local | slurm")] = "inprocess",
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (key, cached / to-run) only")] = False,
+    until: Annotated[str | None, typer.Option(help="last stage to plan (e.g. train-gate)")] = None,
+    full_reruns: Annotated[bool | None, typer.Option("--full-reruns/--no-full-reruns", help="seeds also re-draw split and experts")] = None,
+    device: Annotated[str | None, typer.Option(help="device class for training stages (cpu | cuda)")] = None,
+    folder: Annotated[Path | None, typer.Option(help="submitit log folder")] = None,
+    partition: Annotated[str | None, typer.Option(help="SLURM partition")] = None,
+    gpus_per_job: Annotated[int | None, typer.Option("--gpus-per-job")] = None,
+    cpus_per_task: Annotated[int | None, typer.Option("--cpus-per-task")] = None,
+    timeout_min: Annotated[int, typer.Option("--timeout-min", help="SLURM time limit per job")] = 240,
+    array_parallelism: Annotated[int, typer.Option("--array-parallelism")] = 16,
+    retries: Annotated[int, typer.Option(help="resubmit failed runs this many times")] = 0,
+    store: StoreOpt = None,
+    quiet: QuietOpt = False,
+) -> None:
+    """Fan out seeds x expert losses x gate options (in-process, submitit local or SLURM arrays)."""
+    from .sweep import sweep_command
+
+    rc = sweep_command(
+        config, store, seeds, loss, beta, executor, dry_run, until=until, full_reruns=full_reruns,
+        device=device, folder=folder, partition=partition, gpus_per_job=gpus_per_job,
+        cpus_per_task=cpus_per_task, timeout_min=timeout_min, array_parallelism=array_parallelism,
+        retries=retries, quiet=quiet,
+    )
+    if rc:
+        raise typer.Exit(rc)
 
 
 # ------------------------------------------------------------------------- store tools

@@ -203,6 +203,16 @@ class EvalConfig(StageConfig):
     seed: int = Field(0, ge=0)
     refit: bool = Field(True, description="also compute the refit view (alpha, mu refitted per coverage)")
     refit_grid: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9, 1.0)
+    target_risk: float | None = Field(None, gt=0, lt=1, description="risk-controlled thresholds on calib")
+    delta: float = Field(0.1, gt=0, lt=1, description="failure probability of the risk guarantee")
+    conformal_epsilon: float = Field(0.1, gt=0, lt=1, description="Mondrian bound P(accept | error, group)")
+    sag_mode: Literal["sensitivity", "specificity", "success"] | None = None
+    sag_target: float = Field(0.9, gt=0, lt=1)
+    sag_p_rand: float = Field(0.0, ge=0, lt=1)
+    sag_window: int = Field(500, ge=10)
+    sag_batch: int = Field(100, ge=1)
+    l2d: bool = Field(False, description="learning to defer to simulated humans (EM)")
+    human_noise: tuple[float, ...] = Field((0.3, 0.3), description="label-noise rate of each simulated human")
 
 
 class BaselinesConfig(StageConfig):
@@ -233,14 +243,14 @@ class ExpertSource(BaseModel):
 
     model_config = ConfigDict(frozen=True, extra="forbid")
     name: str = Field(min_length=1)
-    loss: str = Field(description="ce | balsoftmax | logitadjust:TAU (how it was trained)")
+    loss: str = Field(description="ce | balsoftmax | logitadjust:TAU | decoupled (how it was trained)")
     logits: dict[str, str] = Field(description="split -> file (.npy, .npz[:key], .safetensors[:key], .zarr, .pt)")
 
     @field_validator("loss")
     @classmethod
     def _loss(cls, v: str) -> str:
-        if not _LOSS_RE.match(v) or v == "decoupled":
-            raise ValueError("must be ce, balsoftmax or logitadjust:TAU")
+        if not _LOSS_RE.fullmatch(v):
+            raise ValueError("must be ce, balsoftmax, logitadjust:TAU or decoupled (cRT, tau = 1)")
         return v
 
 

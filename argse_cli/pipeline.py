@@ -168,7 +168,7 @@ class Pipeline:
         from .stages.import_logits import key_extra
 
         cfg = self.config("import-logits")
-        return key_of("import-logits", cfg, {}, key_extra(cfg))
+        return key_of("import-logits", cfg, {}, key_extra(cfg, self.store, write=self.memo))
 
     def export_ref(self) -> tuple[str, str]:
         """(stage, key) of the logits: `import-logits` when the file has that section."""

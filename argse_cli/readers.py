@@ -285,14 +285,15 @@ def _torch_array(path: Path, key: str | None, spec: str) -> tuple[Any, str]:
 
     try:
         obj = torch.load(str(path), map_location="cpu", weights_only=True, mmap=True)
-    except RuntimeError:  # a legacy (non-zip) file cannot be memory-mapped: load it whole
-        obj = torch.load(str(path), map_location="cpu", weights_only=True)
-    except Exception as e:  # noqa: BLE001 - the weights-only unpickler refuses arbitrary objects
-        raise ArgseError(
-            "logits",
-            f"{spec}: not loadable with weights_only=True ({e.__class__.__name__})",
-            "save a tensor or a dict of tensors with torch.save",
-        ) from None
+    except Exception:  # noqa: BLE001 - a legacy (non-zip) file cannot be memory-mapped: load it whole
+        try:
+            obj = torch.load(str(path), map_location="cpu", weights_only=True)
+        except Exception as e:  # noqa: BLE001 - the weights-only unpickler refuses arbitrary objects
+            raise ArgseError(
+                "logits",
+                f"{spec}: not loadable with weights_only=True ({e.__class__.__name__})",
+                "save a tensor or a dict of tensors with torch.save",
+            ) from None
     if isinstance(obj, dict):
         keys = [k for k, v in obj.items() if isinstance(v, torch.Tensor)]
         obj = obj[_pick_key(keys, key, spec)]

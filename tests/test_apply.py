@@ -106,7 +106,7 @@ def e2e(tmp_path_factory):
     st_e = {"export": "import-logits"}
     kc, _ = run_stage("calibrate", CalibrateConfig(), {"export": ikey}, st_e, store, quiet=True)
     up, st = {"export": ikey, "calibrate": kc}, {**st_e, "calibrate": "calibrate"}
-    gcfg = TrainGateConfig(epochs=2, tau_warmup_epochs=1, patience=2, c=0.1)
+    gcfg = TrainGateConfig(epochs=1, tau_warmup_epochs=0, patience=1, c=0.1)
     kg, _ = run_stage("train-gate", gcfg, up, st, store, quiet=True)
     mp = pytest.MonkeyPatch()
     mp.setattr(ev, "_figures", lambda *a, **k: None)  # figures are not under test here (slow)

@@ -326,6 +326,26 @@ def test_weights_file_and_group_file(tmp_path):
     assert np.allclose(art.array("test/w_bal"), w_lt * (1 / 20) / pi[y], rtol=1e-15)
 
 
+class Unsafe:
+    """Not a tensor: the weights-only unpickler must refuse it."""
+
+
+def test_zarr_group_member_and_csv_counts(tmp_path):
+    import zarr
+
+    f = np.arange(60, dtype=np.float32).reshape(6, 10)
+    g = zarr.open_group(str(tmp_path / "g.zarr"), mode="w")
+    g.create_array("logits", shape=f.shape, dtype=f.dtype, chunks=(4, 10))[:] = f
+    assert np.array_equal(open_logits(f"{tmp_path / 'g.zarr'}:logits")[1:5], f[1:5])
+    assert np.array_equal(open_logits(str(tmp_path / "g.zarr"))[0:6], f)  # the only array
+    from argse_cli.readers import load_class_counts
+
+    (tmp_path / "c.csv").write_text("class,count\n2,5\n0,7\n1,6\n")
+    assert load_class_counts(str(tmp_path / "c.csv")).tolist() == [7, 6, 5]
+    (tmp_path / "c.txt").write_text("7\n6\n5\n")
+    assert load_class_counts(str(tmp_path / "c.txt")).tolist() == [7, 6, 5]
+
+
 # ---------------------------------------------------------------------------------- errors
 @pytest.fixture
 def small(tmp_path):
@@ -439,6 +459,12 @@ def test_error_bad_files(small, tmp_path):
         ex = (e0.model_copy(update={"logits": {**e0.logits, "test": spec}}), fx["experts"][1])
         with pytest.raises(ArgseError, match=word):
             imp.run(import_cfg(fx, experts=ex), store, quiet=True)
+    torch.save({"logits": torch.zeros(3, 20), "obj": Unsafe()}, tmp_path / "u.pt")
+    with pytest.raises(ArgseError, match="weights_only"):
+        open_logits(f"{tmp_path / 'u.pt'}:logits")
+    np.savez(tmp_path / "two.npz", a=np.zeros((2, 3)), b=np.zeros((2, 3)))
+    with pytest.raises(ArgseError, match="holds 2 arrays"):
+        open_logits(str(tmp_path / "two.npz"))
     (tmp_path / "z.json").write_text(json.dumps([3, 0, 2]))
     with pytest.raises(ArgseError, match="class 1 has 0 training samples"):
         imp.run(import_cfg(fx, class_counts=str(tmp_path / "z.json")), store, quiet=True)
@@ -498,7 +524,7 @@ def _downstream(store: Store, stage: str, key: str) -> tuple:
     )
     kg, _ = run_stage(
         "train-gate",
-        TrainGateConfig(epochs=2, tau_warmup_epochs=1, patience=2, batch_size=128),
+        TrainGateConfig(epochs=1, tau_warmup_epochs=0, patience=1, batch_size=64),
         {"export": key, "calibrate": kc},
         {"export": stage, "calibrate": "calibrate"},
         store,
@@ -522,7 +548,7 @@ def test_round_trip_of_an_export_matches_the_native_path(tmp_path, monkeypatch):
 
     monkeypatch.setattr(ev, "_figures", lambda *a, **k: None)  # figures are not compared (slow)
     store = Store(tmp_path / "s")
-    C, n, seed, cr = 10, 600, 5, 128
+    C, n, seed, cr = 10, 400, 5, 64
     ekey, own = _fake_export(store, C, n, seed, cr)
     d = tmp_path / "src"
     d.mkdir()

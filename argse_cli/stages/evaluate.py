@@ -13,7 +13,8 @@ from typing import Any
 
 STAGE = "eval"
 VERSION = 1
-CODE = ("stages/evaluate.py", "evaluation.py", "metrics/*.py", "baselines.py", "rejector.py")
+CODE = ("stages/evaluate.py", "evaluation.py", "metrics/*.py", "baselines.py", "rejector.py",
+        "guarantees.py", "sag.py", "l2d.py")
 
 
 def method_name(gate_cfg: dict) -> str:
@@ -23,7 +24,7 @@ def method_name(gate_cfg: dict) -> str:
     return name
 
 
-def gate_eval_data(gate_art: Any) -> tuple[Any, dict, Any, Any]:
+def gate_eval_data(gate_art: Any, with_calib: bool = False) -> tuple[Any, dict, Any, Any]:
     """(GateResult, {split: posteriors/labels/weights}, export, calibrate) of a gate artifact."""
     from .calibrate import load_posteriors
     from .train_gate import load_gate
@@ -31,7 +32,8 @@ def gate_eval_data(gate_art: Any) -> tuple[Any, dict, Any, Any]:
     res = load_gate(gate_art)
     exp, cal = gate_art.upstream("export"), gate_art.upstream("calibrate")
     experts = gate_art.meta.get("experts")
-    data = {s: load_posteriors(exp, cal, s, experts) for s in ("tuneV", "val_small", "test")}
+    splits = ("tuneV", "val_small", "calib", "test") if with_calib else ("tuneV", "val_small", "test")
+    data = {s: load_posteriors(exp, cal, s, experts) for s in splits}
     return res, data, exp, cal
 
 
@@ -43,7 +45,7 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
 
     pin_threads()
     gate_art = inputs["gate"]
-    res, data, exp, _ = gate_eval_data(gate_art)
+    res, data, exp, _ = gate_eval_data(gate_art, with_calib=True)
     c2g = np.asarray(exp.array("class_to_group"))
     t = data["test"]
     eta = res.mixture(t["post"])
@@ -67,6 +69,7 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
         "protocol": "sweep: rule fitted once on validation, threshold swept over its margin on test; "
                     "refit: alpha, mu refitted on tuneV (lambda on val_small) at each coverage, mixture fixed",
     }
+    metrics.update(_extras(cfg, res, data, c2g, score, pred, eta, out, progress))
     out.json("metrics.json", metrics)
     out.json("rc_curves.json", {v: {name: c.to_dict()} for v, c in curves.items()})
     _write_csv(out.file_path("rc_curve.csv"), curves)
@@ -86,6 +89,55 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
         f"{name}: balanced AURC {lt['aurc']['balanced']:.4f}, worst AURC {lt['aurc']['worst']:.4f} "
         f"(long-tailed weights; {sweep['aurc_convention']})"
     )
+
+
+def _extras(cfg: Any, res: Any, data: dict, c2g: Any, score: Any, pred: Any, eta: Any, out: Any,
+            progress: Any) -> dict:
+    """Risk-controlled thresholds (calib), SAG stream modes and learning to defer (issue 8)."""
+    import numpy as np
+
+    extra: dict = {}
+    t = data["test"]
+    if cfg.target_risk is not None:
+        from ..guarantees import risk_control_report
+
+        c = data["calib"]
+        cal = {"score": res.margin(c["post"]), "pred": res.predict(c["post"])[0], "y": c["y"],
+               "w_lt": c["w_lt"], "w_bal": c["w_bal"]}
+        tst = {"score": score, "pred": pred, "y": t["y"], "w_lt": t["w_lt"], "w_bal": t["w_bal"]}
+        extra["guarantees"] = risk_control_report(cal, tst, c2g, cfg.target_risk, cfg.delta,
+                                                  cfg.conformal_epsilon)
+        progress.log(f"risk control: target {cfg.target_risk}, delta {cfg.delta} (thresholds on calib)")
+    if cfg.sag_mode is not None:
+        from ..report.deferral_figures import plot_sag
+        from ..sag import sag_stream
+
+        r = sag_stream(score, pred == t["y"], cfg.sag_mode, cfg.sag_target, cfg.sag_window, cfg.sag_batch,
+                       p_rand=cfg.sag_p_rand, seed=cfg.seed)
+        extra["sag"] = r
+        out.file_path("sag.pdf")
+        plot_sag(r, out.file_path("sag.png").with_suffix(""))
+    if cfg.l2d:
+        from ..l2d import deferral_comparison, em_defer, simulate_humans
+        from ..nn.gate import build_gating_features
+        from ..report.deferral_figures import plot_defer
+
+        C = len(c2g)
+        c = data["calib"]
+        m_cal = simulate_humans(c["y"], C, list(cfg.human_noise), seed=cfg.seed)
+        m_test = simulate_humans(t["y"], C, list(cfg.human_noise), seed=cfg.seed + 1)
+        eta_cal = res.mixture(c["post"])
+        fit = em_defer(build_gating_features(c["post"]), eta_cal, m_cal, c["y"], C, seed=cfg.seed)
+        gp = fit.gate.predict(build_gating_features(t["post"]))
+        comp = deferral_comparison(gp, eta, m_test, t["y"], score, pred)
+        ll = np.asarray(fit.loglik)
+        extra["l2d"] = {**comp, "fit": fit.to_dict(), "human_noise": list(cfg.human_noise),
+                        "loglik_monotone": bool(np.all(np.diff(ll) >= -1e-9)),
+                        "note": "EM fitted on calib, curves on test; humans simulated as noisy label copies"}
+        out.file_path("defer.pdf")
+        plot_defer({"L2D (EM gate)": comp["l2d"], "AR-GSE rejection as deferral": comp["argse"]},
+                   out.file_path("defer.png").with_suffix(""), points={"L2D (EM gate)": comp["l2d_operating_point"]})
+    return extra
 
 
 def _write_csv(path: Any, curves: dict) -> None:

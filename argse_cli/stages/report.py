@@ -514,6 +514,7 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
             ),
         )
 
+    _deferral(inputs, out, formats, written, doc, write_tex, cfg, T)
     out.json("summary.json", doc)
     written.append("summary.json")
     out.meta.update(
@@ -527,6 +528,63 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
         warnings=warnings,
     )
     progress.log(f"report: {len(written)} files, {len(main_groups)} methods")
+
+
+def _deferral(inputs: dict, out: Any, formats: tuple, written: list, doc: dict,
+              write_tex: Callable, cfg: Any, T: Any) -> None:
+    """Tables and figures of risk control, SAG and learning to defer (first eval per method)."""
+    from ..report.deferral_figures import plot_defer, plot_sag
+
+    def f(v: Any) -> str:
+        return "--" if v is None else f"{float(v):.3f}"
+
+    seen: set[str] = set()
+    g_rows, s_rows, d_rows = [], [], []
+    for art in inputs.get("evals") or []:
+        m = art.json("metrics.json")
+        name = str(m["method"])
+        if name in seen:
+            continue
+        seen.add(name)
+        esc, slug = T.latex_escape(name), _slug(name)
+        if m.get("guarantees"):
+            gm = m["guarantees"]
+            for meth, d in gm.get("methods", {}).items():
+                tv = d.get("test", {})
+                g_rows.append(f"{esc} & {T.latex_escape(meth)} & {f(tv.get('unweighted', {}).get('risk'))} & "
+                              f"{f(tv.get('unweighted', {}).get('coverage'))} & {f(tv.get('lt', {}).get('risk'))} & "
+                              f"{f(tv.get('lt', {}).get('coverage'))} \\\\")
+            doc.setdefault("guarantees", {})[name] = gm
+        if m.get("sag"):
+            r = m["sag"]
+            s_rows.append(f"{esc} & {r['mode']} & {r['target']:.2f} & {f(r.get('post_warmup_rate'))} & "
+                          f"{f(r.get('post_warmup_coverage'))} \\\\")
+            _figure(out, f"sag_{slug}", formats, written, doc,
+                    lambda p, r=r, n=name: plot_sag(r, p, formats, title=f"{n}: SAG {r['mode']}"))
+        if m.get("l2d"):
+            dd = m["l2d"]
+            op = dd["l2d_operating_point"]
+            d_rows.append(f"{esc} & {f(op['share_kept'])} & {f(op['accuracy'])} & "
+                          f"{', '.join(f'{e:.3f}' for e in dd['fit']['eps'])} \\\\")
+            _figure(out, f"defer_{slug}", formats, written, doc,
+                    lambda p, dd=dd: plot_defer({"L2D (EM gate)": dd["l2d"], "AR-GSE rejection as deferral": dd["argse"]},
+                                                p, formats, points={"L2D (EM gate)": dd["l2d_operating_point"]}))
+
+    def table(fname: str, head: str, spec: str, rows: list, caption: str) -> None:
+        if rows:
+            write_tex(fname, "\\begin{table}[t]\\centering\n\\begin{tabular}{" + spec + "}\n\\toprule\n" + head
+                      + " \\\\\n\\midrule\n" + "\n".join(rows) + "\n\\bottomrule\n\\end{tabular}\n\\caption{"
+                      + caption + "}\n\\end{table}\n")
+
+    table("guarantees.tex", "method & threshold rule & test risk & coverage & test risk (LT) & coverage (LT)",
+          "llrrrr", g_rows, "Risk-controlled thresholds fitted on calib, achieved on test. LTT binomial: guarantee "
+          "for the calib split as sampled (unweighted); weighted LTT: long-tailed view (bounded importance "
+          "weights); per-group: Bonferroni over predicted-class groups; Mondrian: P(accept | error, group).")
+    table("sag.tex", "method & mode & target & achieved (after warm-up) & coverage", "llrrr", s_rows,
+          "SAG online thresholds on the test stream: the rate achieved after warm-up against its target.")
+    table("defer.tex", "method & share kept (L2D gate) & system accuracy & fitted human noise", "lrrl", d_rows,
+          "Learning to defer to simulated humans (EM on calib, test shown); system accuracy counts deferred "
+          "samples by the chosen human's label.")
 
 
 def _figure(
