@@ -496,6 +496,7 @@ def fit_cs_plugin_from_stats(
     M: int = 10,
     widen: bool = True,
     damping: float = 0.0,
+    lambda_grid: Any = None,
 ) -> PluginFit:
     """:func:`fit_cs_plugin` from per-group statistics (Mx = max of eta over G_k, A = its argmax
     class, E = sum of eta over G_k; each [N, K]) instead of eta [N, C]: O(N K) memory, so a
@@ -521,7 +522,7 @@ def fit_cs_plugin_from_stats(
         w_s = np.ones(len(y_s)) if sel[4] is None else np.asarray(sel[4], np.float64)
     return _fit_cs_plugin_stats(
         st_f, y_f, w_f, wp_f, st_s, y_s, w_s, c2g, eta_f=None, c=c, target=target_coverage,
-        beta=beta, lambda_grid=None, M=M, widen=widen, max_widen=6, method=None, n_steps=150,
+        beta=beta, lambda_grid=lambda_grid, M=M, widen=widen, max_widen=6, method=None, n_steps=150,
         lr=1.0, mu_bound=20.0, tau_frac=0.05, damping=damping,
     )  # fmt: skip
 

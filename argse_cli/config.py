@@ -185,6 +185,11 @@ class TrainGateConfig(StageConfig):
     tau_warmup_epochs: int = Field(30, ge=0)
     lambda_ent: float = Field(1e-3, ge=0)
     hard_routing: bool = False
+    gate_loss: Literal["nll", "selective"] = Field(
+        "nll", description="nll: mixture trained as an estimate of P_train(y|x); selective: the Lagrangian")
+    rule_update: Literal["fixed_point", "adam"] = Field(
+        "fixed_point", description="fixed_point: (alpha, mu) by Algorithm 1 each epoch; adam: learned")
+    M: int = Field(10, ge=1, description="fixed-point iterations of the per-epoch rule refit")
     uniform_gate: bool = Field(False, description="freeze the gate at w = 1/E (ablation)")
     hidden: tuple[int, ...] = (128, 64)
     dropout: float = Field(0.1, ge=0, lt=1)

@@ -40,6 +40,8 @@ DATA = "data.zarr"
 FILES = "files"
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 _KEY_RE = re.compile(r"^[0-9a-f]{4,32}$")
+_STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")  # one path component, never "." / ".."
+_MEMO_TMP_RE = re.compile(r"^\..*\.\d+\.tmp$")  # <root>/.fingerprints.<pid>.tmp and the like
 
 
 def canonical_json(obj: Any) -> str:
@@ -78,6 +80,17 @@ def _inside(base: Path, p: Path) -> Path:
     if not rp.is_relative_to(base.resolve()):
         raise IntegrityError("path", f"{p} resolves outside the store", "remove the crafted manifest")
     return rp
+
+
+def _host_tag(host: str | None = None) -> str:
+    """8 hex digits naming the host (in temp dir names)."""
+    return xxhash.xxh3_64_hexdigest((host or socket.gethostname()).encode())[:8]
+
+
+def _check_stage(stage: Any) -> str:
+    if not isinstance(stage, str) or not _STAGE_RE.match(stage):
+        raise IntegrityError("stage", f"refusing unsafe stage name {stage!r}", "remove the crafted manifest")
+    return stage
 
 
 def _pid_alive(pid: int) -> bool:
@@ -391,7 +404,15 @@ class Artifact:
         return (info["shape"][0] + info["chunk_rows"] - 1) // info["chunk_rows"]
 
     def json(self, name: str) -> Any:
-        return json.loads(self.file(name).read_text())
+        return json.loads(self.read_bytes(name))
+
+    def read_bytes(self, name: str) -> bytes:
+        """A side file's bytes, checked against the manifest's xxh3 (a damaged file is an error
+        naming the artifact and the file, never silently different weights)."""
+        b = self.file(name).read_bytes()
+        if xxhash.xxh3_128_hexdigest(b) != self.manifest["files"][name]:
+            raise self._fail(name, "file checksum mismatch")
+        return b
 
     def file(self, name: str) -> Path:
         safe_name(name, "file")
@@ -425,10 +446,19 @@ class Store:
         self.root = Path(root) if root is not None else default_root()
 
     def dir(self, stage: str, key: str) -> Path:
+        """``<root>/<stage>/<key>``; stage and key (they may come from a manifest) are checked
+        to be single safe path components, so no manifest can point outside the store."""
+        _check_stage(stage)
+        if not isinstance(key, str) or not _KEY_RE.match(key):
+            raise IntegrityError("key", f"refusing unsafe artifact key {key!r}", "remove the crafted manifest")
         return self.root / stage / key
 
     def exists(self, stage: str, key: str) -> bool:
-        return (self.dir(stage, key) / MARKER).is_file()
+        try:
+            d = self.dir(stage, key)
+        except IntegrityError:  # an unsafe name never names a complete artifact
+            return False
+        return (d / MARKER).is_file()
 
     def open(self, stage: str | None, key: str) -> Artifact:
         """Open a complete artifact by stage and key (or key prefix; stage may be None)."""
@@ -450,6 +480,8 @@ class Store:
         if not _KEY_RE.match(key or ""):
             raise ArgseError("key", f"{key!r} is not an artifact key", "use a hex key from `argse ls`")
         hits = []
+        if stage:
+            _check_stage(stage)
         stages = [stage] if stage else sorted(p.name for p in self.root.glob("*") if p.is_dir())
         for st in stages:
             for d in (self.root / st).glob(f"{key}*"):
@@ -512,7 +544,9 @@ class Store:
         """
         base = self.root / stage
         base.mkdir(parents=True, exist_ok=True)
-        tmp = base / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
+        # the host tag in the name lets gc attribute a temp dir whose writer was killed before
+        # writer.json was written (a shared store may be used from several hosts)
+        tmp = base / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}-h{_host_tag()}"
         tmp.mkdir()
         (tmp / "writer.json").write_text(
             json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
@@ -539,7 +573,8 @@ class Store:
                 **sums,
             }
             (tmp / MANIFEST).write_text(json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False))
-            (tmp / "writer.json").unlink()
+            # writer.json stays until the rename: a writer killed in the last instants (marker
+            # written, not yet renamed) still leaves a temp dir that gc can attribute and remove
             with open(tmp / MARKER, "w") as fh:
                 fh.write(key)
                 fh.flush()
@@ -555,6 +590,8 @@ class Store:
                 else:
                     os.rename(tmp, final)
                 w.published = True
+                with contextlib.suppress(OSError):
+                    (final / "writer.json").unlink()
             except OSError:
                 if not self.exists(stage, key):
                     raise
@@ -595,19 +632,31 @@ class Store:
                 info = json.loads(info_p.read_text())
             except (OSError, ValueError):
                 info = {}
-            # no writer.json (the instants before it is written / after it is removed at
-            # publish): fall back to the pid in the name ".tmp-<key>-<pid>-<rand>" and to age
-            m = re.match(r"^\.tmp-[0-9a-f]+-(\d+)-", tmp.name)
-            pid = int(info.get("pid", m.group(1) if m else -1))
-            same_host = info.get("host", host) == host
+            if not isinstance(info, dict):
+                info = {}
+            # no (readable) writer.json -- a writer killed in the instants before it was
+            # written: fall back to the name ".tmp-<key>-<pid>-<rand>[-h<host tag>]"; without a
+            # host tag (older names) the host is unknown and only age removes the dir
+            m = re.match(r"^\.tmp-[0-9a-f]+-(\d+)-[0-9a-f]+(?:-h([0-9a-f]+))?$", tmp.name)
+            try:
+                pid = int(info.get("pid", m.group(1) if m else -1))
+                age = time.time() - float(info.get("started", tmp.stat().st_mtime))
+            except (TypeError, ValueError, OSError):
+                continue
+            if info:
+                known, same_host = True, info.get("host") == host
+            elif m and m.group(2):
+                known, same_host = True, m.group(2) == _host_tag(host)
+            else:
+                known, same_host = False, True
             live = same_host and pid > 0 and _pid_alive(pid)
-            age = time.time() - float(info.get("started", tmp.stat().st_mtime))
             if live:
                 continue  # never remove a live writer's temp dir, however old
-            if (info and same_host) or age > max_age_s:
+            if (known and same_host) or age > max_age_s:
                 removed.append(str(tmp))
                 if not dry_run:
                     shutil.rmtree(tmp, ignore_errors=True)
+        removed += self._gc_debris(dry_run)
         if keep is not None:
             reach: set[str] = set()
             todo = [self.open(None, k) for k in keep]
@@ -626,4 +675,58 @@ class Store:
                     removed.append(str(a.path))
                     if not dry_run:
                         shutil.rmtree(a.path, ignore_errors=True)
+        return removed
+
+    def _gc_debris(self, dry_run: bool, memo_age_s: float = 60.0) -> list[str]:
+        """What a SIGKILLed process can leave besides its temp dir.
+
+        - ``<stage>/.old-<key>-*``: a ``--force`` replacement killed between its two renames.
+          If ``<key>`` exists the old copy goes; if not, the old (complete) copy is put back.
+        - ``<stage>/.locks/<key>.lock`` that nobody holds: removed under the lock itself (the
+          protocol of :meth:`lock`: a waiter that then wakes on the unlinked file retries).
+        - ``<root>/.<memo>.<pid>.tmp`` (fingerprint memos are written then renamed within
+          milliseconds): removed once older than ``memo_age_s``.
+        """
+        removed: list[str] = []
+        if not self.root.exists():
+            return removed
+        for old in sorted(self.root.glob("*/.old-*")):
+            m = re.match(r"^\.old-([0-9a-f]+)-", old.name)
+            final = old.parent / m.group(1) if m else None
+            if final is not None and not final.exists() and (old / MARKER).is_file():
+                removed.append(f"{old} (restored as {final.name})")
+                if not dry_run:
+                    with contextlib.suppress(OSError):
+                        os.rename(old, final)
+                continue
+            removed.append(str(old))
+            if not dry_run:
+                shutil.rmtree(old, ignore_errors=True)
+        for path in sorted(self.root.glob("*/.locks/*.lock")):
+            try:
+                fh = open(path, "a+")  # noqa: SIM115 - closed below
+            except OSError:
+                continue
+            try:
+                fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except BlockingIOError:
+                fh.close()  # held by a live writer (or waiter): keep
+                continue
+            try:
+                if os.stat(path).st_ino == os.fstat(fh.fileno()).st_ino:
+                    removed.append(str(path))
+                    if not dry_run:
+                        os.unlink(path)
+            except OSError:
+                pass
+            finally:
+                fcntl.flock(fh, fcntl.LOCK_UN)
+                fh.close()
+        now = time.time()
+        for path in sorted(self.root.glob(".*.tmp")):
+            with contextlib.suppress(OSError):
+                if _MEMO_TMP_RE.match(path.name) and path.is_file() and now - path.stat().st_mtime > memo_age_s:
+                    removed.append(str(path))
+                    if not dry_run:
+                        path.unlink()
         return removed

@@ -84,7 +84,7 @@ def test_per_step_losses_match_unfused(runs):
     np.testing.assert_allclose(fl[0], ul[0], rtol=1e-5, atol=1e-6)
     # the two experts really differ (tau = 0 vs 2 on a long-tailed prior)
     assert abs(fl[0, 0] - fl[0, 1]) > 1e-2
-    np.testing.assert_allclose(fl[:5], ul[:5], rtol=1e-3, atol=1e-4)
+    np.testing.assert_allclose(fl[:5], ul[:5], rtol=2e-3, atol=2e-4)
 
 
 def test_final_accuracy_within_one_point(runs):

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "train-gate"
-VERSION = 1
+VERSION = 2
 CODE = (
     "stages/train_gate.py", "gate_train.py", "nn/gate.py", "rejector.py", "stages/calibrate.py",
 )
@@ -84,6 +84,7 @@ def recipe_from_config(cfg: Any) -> Any:
         tau_warmup_epochs=cfg.tau_warmup_epochs, lambda_ent=cfg.lambda_ent, hard_routing=cfg.hard_routing,
         beta_mode=cfg.beta, xi=cfg.xi, patience=cfg.patience, view=cfg.view, hidden=tuple(cfg.hidden),
         dropout=cfg.dropout, seed=cfg.seed, frozen_uniform_gate=cfg.uniform_gate,
+        gate_loss=cfg.gate_loss, rule_update=cfg.rule_update, M=cfg.M,
     )
 
 
