@@ -95,22 +95,7 @@ $(C100)/pipeline.yaml: $(C100NPZ) argse_cli/data/c100lt.py
 	$(PY) -m argse_cli.data.c100lt $(C100NPZ) $(C100)
 
 results-c100lt: install $(C100)/pipeline.yaml
-	$(ARGSE) import-logits $(C100CFG)
-	$(ARGSE) calibrate $(C100CFG)
-	for s in $(SEEDS); do \
-	  $(ARGSE) train-gate $(C100CFG) --beta balanced --seed $$s -q && \
-	  $(ARGSE) train-gate $(C100CFG) --beta worst --xi 1.0 --seed $$s -q && \
-	  $(ARGSE) eval $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) --beta balanced --seed $$s --print-key) -q && \
-	  $(ARGSE) eval $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) --beta worst --xi 1.0 --seed $$s --print-key) -q \
-	  || exit 1; \
-	done
-	$(ARGSE) baselines $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) --beta balanced --seed 42 --print-key) -q
-	$(ARGSE) report $(C100CFG) --out reports/c100lt \
-	  $$(for s in $(SEEDS); do for b in "--beta balanced" "--beta worst --xi 1.0"; do \
-	    echo --eval $$($(ARGSE) eval $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) $$b --seed $$s --print-key) --print-key); done; done) \
-	  --baselines $$($(ARGSE) baselines $(C100CFG) --gate $$($(ARGSE) train-gate $(C100CFG) --beta balanced --seed 42 --print-key) --print-key) -q
-	$(PY) -m argse_cli.report.markdown reports/c100lt $(C100)/protocol.json > docs/RESULTS.md
-	@echo "wrote docs/RESULTS.md"
+	ARGSE=$(ARGSE) PY=$(PY) C100=$(C100) SEEDS="$(SEEDS)" bash scripts/results_c100lt.sh
 
 clean:
 	rm -rf $(STORE) reports

@@ -509,7 +509,11 @@ class Store:
         path = d / f"{key}.lock"
         waited = False
         while True:
-            fh = open(path, "a+")  # closed below (or on retry)
+            try:
+                fh = open(path, "a+")  # closed below (or on retry)
+            except FileNotFoundError:  # a failed first run pruned the empty dirs meanwhile
+                d.mkdir(parents=True, exist_ok=True)
+                continue
             try:
                 fcntl.flock(fh, fcntl.LOCK_EX | fcntl.LOCK_NB)
             except BlockingIOError:
@@ -547,7 +551,7 @@ class Store:
         # the host tag in the name lets gc attribute a temp dir whose writer was killed before
         # writer.json was written (a shared store may be used from several hosts)
         tmp = base / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}-h{_host_tag()}"
-        tmp.mkdir()
+        tmp.mkdir(parents=True)  # parents: the stage dir may have been pruned meanwhile
         (tmp / "writer.json").write_text(
             json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
         )
@@ -601,6 +605,17 @@ class Store:
         except BaseException:
             shutil.rmtree(tmp, ignore_errors=True)
             raise
+
+    def new_dirs(self, stage: str) -> list[Path]:
+        """The store / stage / lock dirs a run of ``stage`` would create (they do not exist yet)."""
+        return [p for p in (self.root, self.root / stage, self.root / stage / ".locks") if not p.exists()]
+
+    def prune(self, created: list[Path]) -> None:
+        """After a failed run: remove the dirs it created (:meth:`new_dirs`) if they are empty,
+        so a failure leaves the store as it was."""
+        for p in reversed(created):
+            with contextlib.suppress(OSError):
+                p.rmdir()
 
     def list(self) -> list[Artifact]:
         out = []

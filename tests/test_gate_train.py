@@ -356,3 +356,26 @@ def test_trained_rule_close_to_brute_force_optimum_at_coverage_08():
         f"(c={c}, trained coverage {cov:.3f}, alpha {res.alpha}, mu {res.mu})"
     )
     assert trained <= best + 0.01
+
+
+def test_uniform_gate_matches_cs_plugin_on_the_same_mixture():
+    """Two solvers, one optimum: the gate trainer with a frozen uniform gate and the CS-plug-in
+    baseline (Algorithm 1 on the uniform mixture) reach the same balanced error at coverage 0.8."""
+    from argse_cli.baselines import fit_cs_plugin
+
+    post, y = make_two_expert_problem(4000, 5)
+    pv, yv = make_two_expert_problem(2000, 6)
+    recipe = GateRecipe(epochs=3, tau_warmup_epochs=1, frozen_uniform_gate=True, target_coverage=0.8)
+    res = train_gate(InMemorySource(post, y, None, 256, 0), (pv, yv, None), G4, recipe)
+    eta_fit, eta_val = post.mean(1), pv.mean(1)
+    fit = fit_cs_plugin(eta_fit, y, None, G4, eta_sel=eta_val, y_sel=yv, w_sel=None, target_coverage=0.8)
+
+    def bal_err_at(margin, pred, cov=0.8):
+        from argse_cli.metrics import rc_curve
+
+        return rc_curve(margin, pred, yv, G4, None, coverages=[cov]).balanced_risk[0]
+
+    e_gate = bal_err_at(res.margin(pv), res.predict(pv)[0])
+    e_pi = bal_err_at(fit.rule.margin(eta_val), fit.rule.predict(eta_val))
+    print(f"balanced error @0.8 on val: uniform-gate trainer {e_gate:.4f}  CS-plug-in {e_pi:.4f}")
+    assert abs(e_gate - e_pi) <= 0.01

@@ -77,16 +77,21 @@ def run_stage(
     from ..progress import Progress
 
     progress = Progress(desc=stage, quiet=quiet)
-    with store.lock(stage, key, on_wait=lambda: say(f"waiting for another writer of {key}")):
-        if not force and store.exists(stage, key):
-            say(f"cached {key}")
-            return key, False
-        with store.writer(
-            stage, key, config=cfg.key_payload(), upstream=upstream, upstream_stages=upstream_stages,
-            version=mod.VERSION, extra=extra, replace=force,
-        ) as out:
-            mod.compute(cfg, inputs, out, progress)
-        progress.close()
+    created = store.new_dirs(stage)
+    try:
+        with store.lock(stage, key, on_wait=lambda: say(f"waiting for another writer of {key}")):
+            if not force and store.exists(stage, key):
+                say(f"cached {key}")
+                return key, False
+            with store.writer(
+                stage, key, config=cfg.key_payload(), upstream=upstream,
+                upstream_stages=upstream_stages, version=mod.VERSION, extra=extra, replace=force,
+            ) as out:
+                mod.compute(cfg, inputs, out, progress)
+            progress.close()
+    except BaseException:
+        store.prune(created)  # a failed first run leaves no empty stage / lock dirs behind
+        raise
     if out.published:
         say(f"wrote {key}")
     else:

@@ -85,7 +85,8 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     out.array("shift", shift)
     out.json("calibration.json", {"view": cfg.view, "posterior": cfg.posterior, "experts": rows})
     out.meta.update(temperatures=[float(t) for t in temps], view=cfg.view, posterior=cfg.posterior, table=rows)
-    _print(rows, cfg)
+    if not getattr(progress, "quiet", False):
+        _print(rows, cfg)
 
 
 def _print(rows: list[dict], cfg: Any) -> None:
