@@ -21,7 +21,7 @@ VIEW_NAME = {"lt": "long-tailed weights (w_lt)", "bal": "balanced weights (w_bal
 def _fmt(m: Any, s: Any) -> str:
     if m is None:
         return "–"
-    return f"{m:.4f}" if not s else f"{m:.4f} ± {s:.4f}"
+    return f"{m:.4f}" if not s or s < 5e-5 else f"{m:.4f} ± {s:.4f}"
 
 
 def _boot_of(report_art: Any) -> dict[tuple[str, str], dict]:
@@ -49,7 +49,7 @@ def _table(tab: dict, boot: dict, view: str, ci_cols: tuple[str, ...]) -> list[s
     for c in cols:
         head.append(c)
         if c in ci_cols:
-            head.append(f"{c} 95% CI (seed 1)")
+            head.append(f"{c} 95% CI (first seed)")
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in tab["rows"].items():
         cells = [name]
@@ -121,7 +121,14 @@ def render(report_art: Any, protocol: dict | None, command: str) -> str:
            "worst-group error = the max; a group with no accepted sample counts as error 1.0. Cells: mean ± std "
            "over gate seeds (deterministic baselines do not vary); the CI column is the class-stratified "
            "bootstrap 95% interval (1,000 resamples) of the first seed. Bold: best mean whose paired-bootstrap "
-           "CI of the difference to the runner-up excludes 0. Nothing is tuned on test.", ""]
+           "CI of the difference to the runner-up excludes 0. Nothing is tuned on test.", "",
+           "**Commands** (`scripts/results_c100lt.sh`, run by `make results-c100lt`): "
+           "`python -m argse_cli.data.c100lt NPZ build/c100lt` (clean protocol) → `argse import-logits` → "
+           "`argse calibrate` → for seeds 42–46: `argse train-gate --beta balanced` and "
+           "`--beta worst --xi 1.0`, `argse eval` on each → `argse baselines` → `argse report` → "
+           "`python -m argse_cli.report.markdown REPORT_KEY`. Views: *sweep* (each rule fitted once on "
+           "validation, threshold swept over its margin on test) and *refit* (alpha, mu refitted on tuneV "
+           "at each coverage, lambda chosen on val_small).", ""]
     if protocol:
         out += ["## Splits (clean protocol)", "",
                 f"val_lt: {protocol['val_lt_rows']} rows → {protocol['val_lt_distinct']} distinct images; "
