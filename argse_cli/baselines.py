@@ -675,6 +675,29 @@ def _gradient_search(
 # --------------------------------------------------------------------------- Algorithm 2
 
 
+def fit_cs_plugin_at_cost(
+    eta_fit: Any, y_fit: Any, w_fit: Any, class_to_group: Any, *, c: float, eta_sel: Any = None,
+    y_sel: Any = None, w_sel: Any = None, w_prior: Any = None, beta: Any = None, M: int = 10,
+    coverages: Any = None,
+) -> tuple[PluginFit, float]:
+    """CS-plug-in for a rejection cost ``c`` without Algorithm 1's trivial fixed point.
+
+    At a fixed c the fixed point alpha_k <- K P(accept, y in G_k) can collapse to "accept
+    nothing" (alpha -> 0), which turns the rule into a rescaled Chow rule. Instead every coverage
+    q of a grid (default 0.10, 0.15, ..., 1.00) is fitted with the threshold at the fit data's
+    quantile, and the q minimising sum_k beta_k e_k(sel) + c (1 - q) is kept: the same cost-
+    sensitive objective, searched over the operating point. Returns (fit, q)."""
+    grid = np.round(np.arange(0.10, 1.0001, 0.05), 4) if coverages is None else np.asarray(coverages, float)
+    best = None
+    for q in grid:
+        f = fit_cs_plugin(eta_fit, y_fit, w_fit, class_to_group, eta_sel=eta_sel, y_sel=y_sel,
+                          w_sel=w_sel, w_prior=w_prior, target_coverage=float(q), beta=beta, M=M)
+        obj = f.info["best_objective"] + c * (1.0 - float(q))
+        if best is None or obj < best[0]:
+            best = (obj, float(q), f)
+    return best[2], best[1]
+
+
 def split_S1_S2(
     n: int, frac: float = 0.5, seed: int = 0, labels: Any = None
 ) -> tuple[np.ndarray, np.ndarray]:

@@ -89,7 +89,9 @@ def _host_tag(host: str | None = None) -> str:
 
 def _check_stage(stage: Any) -> str:
     if not isinstance(stage, str) or not _STAGE_RE.match(stage):
-        raise IntegrityError("stage", f"refusing unsafe stage name {stage!r}", "remove the crafted manifest")
+        raise IntegrityError(
+            "stage", f"refusing unsafe stage name {stage!r}", "remove the crafted manifest"
+        )
     return stage
 
 
@@ -450,7 +452,9 @@ class Store:
         to be single safe path components, so no manifest can point outside the store."""
         _check_stage(stage)
         if not isinstance(key, str) or not _KEY_RE.match(key):
-            raise IntegrityError("key", f"refusing unsafe artifact key {key!r}", "remove the crafted manifest")
+            raise IntegrityError(
+                "key", f"refusing unsafe artifact key {key!r}", "remove the crafted manifest"
+            )
         return self.root / stage / key
 
     def exists(self, stage: str, key: str) -> bool:
@@ -607,8 +611,9 @@ class Store:
             raise
 
     def new_dirs(self, stage: str) -> list[Path]:
-        """The store / stage / lock dirs a run of ``stage`` would create (they do not exist yet)."""
-        return [p for p in (self.root, self.root / stage, self.root / stage / ".locks") if not p.exists()]
+        """The store / stage / lock dirs a run of ``stage`` would create (those not there yet)."""
+        dirs = (self.root, self.root / stage, self.root / stage / ".locks")
+        return [p for p in dirs if not p.exists()]
 
     def prune(self, created: list[Path]) -> None:
         """After a failed run: remove the dirs it created (:meth:`new_dirs`) if they are empty,
@@ -740,7 +745,8 @@ class Store:
         now = time.time()
         for path in sorted(self.root.glob(".*.tmp")):
             with contextlib.suppress(OSError):
-                if _MEMO_TMP_RE.match(path.name) and path.is_file() and now - path.stat().st_mtime > memo_age_s:
+                stale = now - path.stat().st_mtime > memo_age_s
+                if _MEMO_TMP_RE.match(path.name) and path.is_file() and stale:
                     removed.append(str(path))
                     if not dry_run:
                         path.unlink()

@@ -9,6 +9,9 @@ Fitted on tuneV / val_small only, never on test:
   hard top-1 routing, 1 / 2 / all (/ 6) experts, balanced posteriors;
 - optionally the sensitivity grid: gate depth, tau schedule, lambda_ent, c.
 All plug-in rules use the gauge mu_[K-1] = 0 and the training-prior weights for alpha's fixed point.
+At the rejection cost c, each plug-in rule's operating coverage is searched (fit_cs_plugin_at_cost:
+Algorithm 1's fixed point at a fixed c can collapse to "accept nothing"); Plug-in[Worst] runs at
+U-PI's operating coverage.
 Outputs: ``baselines.json`` (one entry per method and seed, sweep and refit views, both weightings),
 ``rc_curves.json`` and the test arrays ``m/<slug>/score``, ``m/<slug>/pred`` for paired bootstraps.
 """
@@ -19,7 +22,7 @@ import re
 from typing import Any
 
 STAGE = "baselines"
-VERSION = 1
+VERSION = 2
 CODE = ("stages/baselines.py", "baselines.py", "evaluation.py", "metrics/*.py", "rejector.py",
         "gate_train.py", "nn/gate.py", "stages/train_gate.py", "experts/calibration.py")
 
@@ -41,7 +44,7 @@ def slugify(name: str) -> str:
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     import numpy as np
 
-    from ..baselines import fit_cs_plugin, fit_plugin_worst
+    from ..baselines import fit_cs_plugin_at_cost, fit_plugin_worst
     from ..config import TrainGateConfig
     from ..evaluation import VIEWS, WEIGHT_OF_VIEW, evaluate_scores, refit_view
     from ..experts.calibration import fit_temperature
@@ -84,12 +87,16 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
         lt = sweep["views"]["lt"]["aurc"]
         progress.log(f"{name:32s} balanced AURC {lt['balanced']:.4f}  worst AURC {lt['worst']:.4f} (lt weights)")
 
-    def fit_pi(s_fit: str, eta_of: Any, beta: Any = None) -> Any:
-        return fit_cs_plugin(
-            eta_of(s_fit), data[s_fit]["y"], data[s_fit][wk], c2g,
+    op_cov: dict[str, float] = {}
+
+    def fit_pi(s_fit: str, eta_of: Any, beta: Any = None, tag: str = "") -> Any:
+        fit, q = fit_cs_plugin_at_cost(
+            eta_of(s_fit), data[s_fit]["y"], data[s_fit][wk], c2g, c=cfg.c,
             eta_sel=eta_of("val_small"), y_sel=data["val_small"]["y"], w_sel=data["val_small"][wk],
-            w_prior=data[s_fit]["w_lt"], c=cfg.c, beta=beta, M=cfg.M,
-        ).rule
+            w_prior=data[s_fit]["w_lt"], beta=beta, M=cfg.M,
+        )
+        op_cov[tag] = q
+        return fit.rule
 
     # ---- Chow per expert, DE-Chow -----------------------------------------------------
     for e, loss in enumerate(losses):
@@ -99,9 +106,10 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     record("DE-Chow", "baseline", None, chow_margin(uniform["test"], cfg.c), uniform["test"].argmax(1))
 
     # ---- U-PI, SB-PI, Plug-in[Worst] ----------------------------------------------------
-    rule = fit_pi("tuneV", lambda s: uniform[s])
+    rule = fit_pi("tuneV", lambda s: uniform[s], tag="U-PI")
     record("U-PI", "baseline", None, rule.margin(uniform["test"]), rule.predict(uniform["test"]),
-           refit_eta=lambda s: uniform[s], extra={"alpha": rule.alpha.tolist(), "mu": rule.mu.tolist()})
+           refit_eta=lambda s: uniform[s],
+           extra={"alpha": rule.alpha.tolist(), "mu": rule.mu.tolist(), "operating_coverage": op_cov["U-PI"]})
     val_err = []
     for e in range(E):
         r = fit_pi("tuneV", lambda s, e=e: data[s]["post"][:, e])
@@ -115,8 +123,8 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
            refit_eta=lambda s: single[s], extra={"expert": losses[best], "val_balanced_error": val_err})
     wf = fit_plugin_worst(
         uniform["tuneV"], data["tuneV"]["y"], data["tuneV"][wk], uniform["val_small"],
-        data["val_small"]["y"], data["val_small"][wk], c2g, c=cfg.c, w_prior_S1=data["tuneV"]["w_lt"],
-        T=cfg.T, xi=cfg.xi, M=cfg.M,
+        data["val_small"]["y"], data["val_small"][wk], c2g, target_coverage=op_cov["U-PI"],
+        w_prior_S1=data["tuneV"]["w_lt"], T=cfg.T, xi=cfg.xi, M=cfg.M,
     )
     beta_w = wf.betas[wf.best_round]
     record("Plug-in[Worst]", "baseline", None, wf.rule.margin(uniform["test"]), wf.rule.predict(uniform["test"]),
