@@ -55,14 +55,18 @@ def _wait_for(pred, p: subprocess.Popen, what: str, timeout: float = 120) -> Non
     t0 = time.time()
     while not pred():
         if p.poll() is not None:
-            raise AssertionError(f"process ended (rc {p.returncode}) before {what}:\n{p.log.read_text()}")
+            raise AssertionError(
+                f"process ended (rc {p.returncode}) before {what}:\n{p.log.read_text()}"
+            )
         if time.time() - t0 > timeout:
             raise AssertionError(f"timed out waiting for {what}")
         time.sleep(0.001)
 
 
 def _outcome(out: str) -> tuple[str, str]:
-    lines = [ln.split() for ln in out.splitlines() if re.match(r"^(wrote|cached) [0-9a-f]{32}$", ln)]
+    lines = [
+        ln.split() for ln in out.splitlines() if re.match(r"^(wrote|cached) [0-9a-f]{32}$", ln)
+    ]
     assert len(lines) == 1, out
     return lines[0][0], lines[0][1]
 
@@ -105,7 +109,9 @@ def test_second_writer_waits_on_the_lock_and_gc_spares_the_live_writer(synthetic
     assert (what1, what2) == ("wrote", "cached") and key2 == key
     assert f"waiting for another writer of {key}" in out2
     assert [a.key for a in Store(store).list()] == [key]
-    assert sorted(p.name for p in (store / "split").iterdir() if not p.name.startswith(".")) == [key]
+    assert sorted(p.name for p in (store / "split").iterdir() if not p.name.startswith(".")) == [
+        key
+    ]
     _gc(env)
     assert leftovers(store) == []
     assert Store(store).open("split", key).verify() == []

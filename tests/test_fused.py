@@ -35,8 +35,8 @@ def _bal_acc(pred, y) -> float:
 @pytest.fixture(scope="module")
 def runs():
     torch.set_num_threads(2)
-    x, y = _toy([96, 64, 40, 24], seed=0)  # long-tailed: 224 images, 7 steps/epoch at 32
-    xt, yt = _toy([50, 50, 50, 50], seed=1)
+    x, y = _toy([64, 48, 32, 16], seed=0)  # long-tailed: 160 images, 5 steps/epoch at 32
+    xt, yt = _toy([40, 40, 40, 40], seed=1)
     counts = np.bincount(y, minlength=4)
     log_pi = np.log(counts / counts.sum()).astype(np.float32)
     recipe = TrainRecipe(depth=8, epochs=2, batch_size=32, warmup_epochs=1, seed=3)
@@ -79,7 +79,7 @@ def runs():
 
 def test_per_step_losses_match_unfused(runs):
     ul, fl = runs["ul"], runs["fl"]  # [steps, E]
-    assert ul.shape == fl.shape == (14, 2)
+    assert ul.shape == fl.shape == (10, 2)
     # step 0: same init and same batch -> equal up to float summation order
     np.testing.assert_allclose(fl[0], ul[0], rtol=1e-5, atol=1e-6)
     # the two experts really differ (tau = 0 vs 2 on a long-tailed prior)
@@ -94,13 +94,16 @@ def test_final_accuracy_within_one_point(runs):
         au = _bal_acc(predict_logits(mu, runs["xt"]).argmax(1).numpy(), yt)
         assert au > 0.5  # the toy is learnable in 2 epochs (chance = 0.25)
         assert abs(af - au) <= 0.01, (af, au)
+        print(f"bal acc fused {af:.4f} unfused {au:.4f}")
 
 
 def test_batchnorm_buffers_are_per_expert(runs):
     for mf, mu in zip(runs["fused"], runs["unfused"], strict=True):
         bf, bu = dict(mf.named_buffers()), dict(mu.named_buffers())
-        assert int(bf["bn1.num_batches_tracked"]) == 14 == int(bu["bn1.num_batches_tracked"])
-        torch.testing.assert_close(bf["bn1.running_mean"], bu["bn1.running_mean"], rtol=1e-3, atol=1e-3)
+        assert int(bf["bn1.num_batches_tracked"]) == 10 == int(bu["bn1.num_batches_tracked"])
+        torch.testing.assert_close(
+            bf["bn1.running_mean"], bu["bn1.running_mean"], rtol=1e-3, atol=1e-3
+        )
     # different losses -> different statistics deeper in the net (not one shared buffer)
     a, b = (dict(m.named_buffers())["layer3.0.bn2.running_var"] for m in runs["fused"])
     assert not torch.allclose(a, b)
@@ -111,7 +114,7 @@ def test_histories_per_expert(runs):
     assert len(hist) == 2 and all(len(h) == 2 for h in hist)
     for e in range(2):
         # epoch loss = mean of that expert's step losses
-        assert math.isclose(hist[e][0]["loss"], float(np.mean(runs["fl"][:7, e])), rel_tol=1e-5)
+        assert math.isclose(hist[e][0]["loss"], float(np.mean(runs["fl"][:5, e])), rel_tol=1e-5)
 
 
 def test_stacked_loss_hand_case():

@@ -96,7 +96,7 @@ class Tiny:
         )
 
     def popen(self, stage: str, store: Path, log: Path) -> subprocess.Popen:
-        fh = open(log, "w")  # noqa: SIM115 - closed by the caller through p.args_log
+        fh = open(log, "w")  # noqa: SIM115 - closed by kill_at (p.log_fh)
         p = subprocess.Popen(
             [sys.executable, "-m", "argse_cli.cli", *self.argv(stage), "-q"],
             env=cli_env(store, self.data),
@@ -123,7 +123,9 @@ class Tiny:
         self.seconds.setdefault(stage, time.perf_counter() - t0)
         assert res.returncode == 0, f"{stage}: {res.stdout[-2000:]}\n{res.stderr[-3000:]}"
         key = res.stdout.split()[-1]
-        if stage == "train-expert":  # both experts (export needs them); the ce key is the scenario's
+        if (
+            stage == "train-expert"
+        ):  # both experts (export needs them); the ce key is the scenario's
             res = self.run("train-expert", "-c", str(self.cfg), "-q")
             assert res.returncode == 0, res.stderr[-3000:]
         assert Store(self.store).exists(stage, key), res.stdout
@@ -132,7 +134,9 @@ class Tiny:
         return key
 
     def _save(self) -> None:
-        (self.root / "keys.json").write_text(json.dumps({"keys": self.keys, "seconds": self.seconds}))
+        (self.root / "keys.json").write_text(
+            json.dumps({"keys": self.keys, "seconds": self.seconds})
+        )
 
     def load(self) -> None:
         with contextlib.suppress(OSError, ValueError):
@@ -222,7 +226,9 @@ def _chunks(store: Path, stage: str, pid: int, array: str | None) -> list[Path]:
 
 
 def _side_files(store: Path, stage: str, pid: int) -> list[Path]:
-    return [p for d in _tmp_dirs(store, stage, pid) for p in (d / "files").rglob("*") if p.is_file()]
+    return [
+        p for d in _tmp_dirs(store, stage, pid) for p in (d / "files").rglob("*") if p.is_file()
+    ]
 
 
 def _happened(point: str, store: Path, stage: str, pid: int, elapsed: float) -> bool:
@@ -387,7 +393,9 @@ def tiny_all(tmp_path_factory) -> Tiny:
 def test_kill_matrix(tiny_all, tmp_path, stage):
     t = tiny_all
     # "frac:F": F x the uninterrupted run's duration (mid-compute; a loaded machine only kills earlier)
-    points = [f"delay:{t.seconds[stage] * float(p[5:]):.2f}" if p.startswith("frac:") else p
-              for p in KILL_POINTS[stage]]
+    points = [
+        f"delay:{t.seconds[stage] * float(p[5:]):.2f}" if p.startswith("frac:") else p
+        for p in KILL_POINTS[stage]
+    ]
     stats = kill_scenario(t, stage, points, tmp_path)
     print(f"{stage}: uninterrupted {t.seconds[stage]:.1f} s; kill times {stats}")

@@ -14,9 +14,11 @@ refit statistics (per-group max / argmax / sum of the mixture, y, w, and the fit
 temporaries). PER_ROW * N is < 1/3 of what holding tuneV as float32 posteriors would take
 (E * C * 4 = 1600 B/row), so the test fails if the stream is ever materialised.
 
-Each N runs in a fresh process with MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB: with glibc's dynamic
-threshold the freed-but-retained heap grows with the number of buffers read (fragmentation, not
-live data), which the RssAnon figure would otherwise mix in. To keep the run short the rule
+Each N runs in a fresh process with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB. With glibc's dynamic
+threshold the RssAnon peak grows with N although live data does not: the rule refit
+(``gate_train.rule_row_stats``) keeps small per-batch tensors that get carved out of the holes
+the freed per-batch [B, E, C] tensors leave, so every batch needs fresh heap (fragmentation).
+That case is measured too, as an xfail test, until the refit preallocates its statistics. To keep the run short the rule
 refit uses one target coverage (0.8) instead of the 10-point coverage search; the streaming path
 is unchanged.
 """
@@ -37,6 +39,8 @@ C, E, CHUNK, BUFFER = 100, 4, 1024, 4
 R = CHUNK * BUFFER
 FIXED = 6 * R * E * C * 4 + 64 * 2**20
 PER_ROW = 512
+# fixed glibc mmap threshold: the per-batch [256, E, C] / [256, C] float32 tensors are mmapped
+MMAP = 64 * 1024
 
 WORKER = r"""
 import gc, json, sys, time, tracemalloc
@@ -76,27 +80,40 @@ print(json.dumps({"max_resident_rows": srcs[0].max_resident_rows, "traced_peak":
 
 
 def _bench_module():
-    spec = importlib.util.spec_from_file_location("bench_gate_stream", ROOT / "bench" / "bench_gate_stream.py")
+    spec = importlib.util.spec_from_file_location(
+        "bench_gate_stream", ROOT / "bench" / "bench_gate_stream.py"
+    )
     mod = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(mod)
     return mod
 
 
-def _measure(tmp: Path, n: int) -> dict:
-    b = _bench_module()
-    ekey, ckey = b.write_synthetic_store(tmp / f"s{n}", n, C, E, CHUNK, n_val=2000, seed=n)
-    env = {**os.environ, "MALLOC_MMAP_THRESHOLD_": str(2**20)}
+def _measure(store: Path, ekey: str, ckey: str, env: dict) -> dict:
     p = subprocess.run(
-        [sys.executable, "-c", WORKER, str(ROOT), str(tmp / f"s{n}"), ekey, ckey, str(BUFFER)],
-        capture_output=True, text=True, env=env, timeout=900,
+        [sys.executable, "-c", WORKER, str(ROOT), str(store), ekey, ckey, str(BUFFER)],
+        capture_output=True, text=True, env={**os.environ, **env}, timeout=900,
     )  # fmt: skip
     assert p.returncode == 0, p.stderr[-3000:]
     return json.loads(p.stdout.strip().splitlines()[-1])
 
 
+@pytest.fixture(scope="module")
+def peaks(tmp_path_factory):
+    """{mode: {N: measurement}} for the fixed-threshold and the default glibc allocator."""
+    b = _bench_module()
+    tmp = tmp_path_factory.mktemp("stream")
+    out: dict = {"fixed": {}, "default": {}}
+    for n in (20_000, 200_000):
+        ekey, ckey = b.write_synthetic_store(tmp / f"s{n}", n, C, E, CHUNK, n_val=2000, seed=n)
+        out["fixed"][n] = _measure(tmp / f"s{n}", ekey, ckey, {"MALLOC_MMAP_THRESHOLD_": str(MMAP)})
+        out["default"][n] = _measure(tmp / f"s{n}", ekey, ckey, {})
+    return out
+
+
 @pytest.mark.slow
-def test_resident_rows_and_peak_memory_bounded_independent_of_n(tmp_path):
-    small, big = _measure(tmp_path, 20_000), _measure(tmp_path, 200_000)
+def test_resident_rows_and_peak_memory_bounded_independent_of_n(peaks):
+    small, big = peaks["fixed"][20_000], peaks["fixed"][200_000]
+    print(json.dumps(peaks))  # shown with -s
     for n, r in ((20_000, small), (200_000, big)):
         assert r["max_resident_rows"] == R  # the instrumented reader: never more than R rows
         bound = FIXED + PER_ROW * n
@@ -104,4 +121,17 @@ def test_resident_rows_and_peak_memory_bounded_independent_of_n(tmp_path):
         assert r["rss_above"] <= bound, (n, r, bound)
     # 10x the rows: the peak grows by at most the O(N K) refit statistics
     assert big["traced_peak"] - small["traced_peak"] <= PER_ROW * 180_000, (small, big)
+    assert big["rss_above"] - small["rss_above"] <= PER_ROW * 180_000, (small, big)
+
+
+@pytest.mark.slow
+@pytest.mark.xfail(
+    reason="glibc heap fragmentation: rule_row_stats keeps small per-batch tensors that are "
+    "carved out of the freed per-batch [B, E, C] holes, so RssAnon grows ~E*C*4 B per row "
+    "(live data does not); fix in gate_train (preallocated stats) and this passes",
+    strict=False,
+)
+def test_rss_bounded_with_default_allocator(peaks):
+    small, big = peaks["default"][20_000], peaks["default"][200_000]
+    assert big["max_resident_rows"] == small["max_resident_rows"] == R
     assert big["rss_above"] - small["rss_above"] <= PER_ROW * 180_000, (small, big)

@@ -46,6 +46,9 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
+MAX_LOSS = 1e4  # a mean cross-entropy above this means the logits exploded: treated as divergence
+
+
 class TrainingDiverged(RuntimeError):
     """The training loss became NaN/inf."""
 
@@ -53,7 +56,7 @@ class TrainingDiverged(RuntimeError):
         self.epoch, self.last_finite_loss = epoch, last_finite_loss
         last = "none" if last_finite_loss is None else f"{last_finite_loss:.6g}"
         super().__init__(
-            f"training diverged at epoch {epoch}: loss is NaN/inf (last finite loss {last}); "
+            f"training diverged at epoch {epoch}: loss is NaN/inf or above {MAX_LOSS:g} (last finite loss {last}); "
             "lower the learning rate or use precision=fp32"
         )
 
@@ -267,7 +270,7 @@ def train_expert(
                 torch.cuda.synchronize(dev)
             dt = time.perf_counter() - t0
             epoch_loss = float(loss_sum) / steps
-            if not math.isfinite(epoch_loss):
+            if not math.isfinite(epoch_loss) or epoch_loss > MAX_LOSS:
                 lf = float(last_finite)
                 raise TrainingDiverged(epoch, lf if math.isfinite(lf) else prev_epoch_loss)
             prev_epoch_loss = epoch_loss

@@ -1,0 +1,319 @@
+"""Benchmark: gate training streamed from a Zarr export -- samples/s and peak memory vs N (CPU).
+
+For each N a synthetic export-logits artifact is written (tuneV: N rows, val_small: --n-val rows,
+fp16 logits [N, E, C] in row chunks of --chunk-rows; C = 1000 classes, E = 4 experts: an
+ImageNet-LT-sized label space; a long-tailed prior with imbalance factor 100 and K = 2 groups,
+head = the classes holding the first half of the training mass) plus a calibration artifact
+(temperature, shift). Then, in a FRESH process per N,
+``argse_cli.stages.train_gate.fit_gate`` runs --epochs epochs while a thread samples ``RssAnon``
+(/proc/self/status, every 5 ms). Baseline = RssAnon after every module is imported and both
+artifacts are opened (file-backed page cache is not anonymous memory and does not count).
+
+Lines (one JSON line each): ``gate_stream_samples_per_s_N`` (tuneV rows trained per second of
+fit_gate wall time: epochs_run * N / s, the per-epoch rule-refit pass over tuneV included) and
+``gate_stream_peak_rss_anon_above_baseline_N`` (MiB); the extra fields hold ZarrSource's
+``max_resident_rows`` (instrumented) and its bound buffer_chunks * chunk_rows. A final
+``gate_stream_peak_ratio`` line compares the two largest N whose buffer was full (resident rows
+>= 90% of the bound; acceptance: within 20%).
+
+Every N is measured twice (``--malloc both``): with glibc as shipped, and with
+MALLOC_MMAP_THRESHOLD_ fixed at 1 MiB (suffix ``_mmap1m``). The second is a diagnostic: with the
+dynamic threshold, per-batch [B, E, C] tensors come from the heap, and the small per-batch
+tensors the rule refit keeps (``gate_train.rule_row_stats``) are carved out of their freed holes,
+so the heap -- RssAnon -- grows with the number of batches although live data does not.
+
+    python bench/bench_gate_stream.py [--n 10000 100000 1000000] [--classes 1000] [--experts 4]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import os
+import shutil
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))
+
+LOSSES = ("ce", "balsoftmax", "logitadjust:2", "logitadjust:0.5")
+TAUS = (0.0, 1.0, 2.0, 0.5)
+
+
+def commit() -> str:
+    try:
+        out = subprocess.run(
+            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
+            timeout=10,
+        )  # fmt: skip
+        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
+    except (OSError, subprocess.SubprocessError):
+        return "unknown"
+
+
+def rss_anon_mib() -> float:
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("RssAnon:"):
+            return int(line.split()[1]) / 1024.0
+    raise RuntimeError("no RssAnon in /proc/self/status")
+
+
+class PeakSampler(threading.Thread):
+    """Samples RssAnon every ``every_s`` seconds; ``stop()`` returns the peak (MiB)."""
+
+    def __init__(self, every_s: float = 0.005):
+        super().__init__(daemon=True)
+        self.every_s, self.peak, self._halt = every_s, 0.0, threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            self.peak = max(self.peak, rss_anon_mib())
+            time.sleep(self.every_s)
+
+    def stop(self) -> float:
+        self._halt.set()
+        self.join()
+        self.peak = max(self.peak, rss_anon_mib())
+        return self.peak
+
+
+def class_prior(C: int, imbalance: float = 100.0):
+    """pi_c proportional to imbalance^(-c / (C - 1)) (class 0 the most frequent)."""
+    import numpy as np
+
+    r = imbalance ** (-np.arange(C) / max(C - 1, 1))
+    return r / r.sum()
+
+
+def head_tail_groups(pi):
+    """K = 2: head = the most frequent classes holding the first half of the mass, tail = rest."""
+    import numpy as np
+
+    order = np.argsort(-pi, kind="stable")
+    head = order[: int(np.searchsorted(np.cumsum(pi[order]), 0.5)) + 1]
+    g = np.ones(len(pi), dtype=np.int64)
+    g[head] = 0
+    return g
+
+
+def write_synthetic_store(
+    root: Path, n: int, C: int = 1000, E: int = 4, chunk_rows: int = 4096, n_val: int = 4000,
+    seed: int = 0,
+) -> tuple[str, str]:  # fmt: skip
+    """A synthetic export-logits artifact (tuneV: n rows, val_small: n_val rows) and a calibrate
+    artifact in ``Store(root)``; logits are written chunk by chunk (never [n, E, C] in memory).
+    Expert e's logit for class c: 2 z + 4 [c = y] - tau_e log pi_c, z ~ N(0, 1) (an expert
+    trained with logit adjustment tau_e is shifted by -tau_e log pi). Returns (export key,
+    calibrate key)."""
+    import numpy as np
+
+    from argse_cli.store import Store, compute_key
+
+    pi = class_prior(C)
+    log_pi = np.log(pi).astype(np.float32)
+    c2g = head_tail_groups(pi)
+    counts = np.maximum(1, np.round(pi * 500 / pi[0])).astype(np.int64)  # n_max 500, IF 100
+    taus = np.array([TAUS[e % 4] for e in range(E)], np.float32)
+    store = Store(root)
+    spec = {"synthetic": True, "n": n, "C": C, "E": E, "chunk_rows": chunk_rows, "n_val": n_val,
+            "seed": seed}  # fmt: skip
+    ekey = compute_key("export-logits", 1, spec)
+    rng = np.random.default_rng(seed)
+    with store.writer("export-logits", ekey, config=spec, upstream={}, upstream_stages={},
+                      version=1) as out:  # fmt: skip
+        for s, rows in (("tuneV", n), ("val_small", n_val)):
+            y = rng.choice(C, size=rows, p=pi).astype(np.int64)
+            w_lt = np.ones(rows)
+            w_bal = 1.0 / (C * pi[y])
+            for name, arr in (
+                ("labels", y), ("w_lt", w_lt), ("w_bal", w_bal), ("group", c2g[y]),
+                ("row_order", np.arange(rows, dtype=np.int64)),
+                ("source_index", np.arange(rows, dtype=np.int64)),
+            ):  # fmt: skip
+                out.array(f"{s}/{name}", arr, chunk_rows=chunk_rows)
+            rw = out.rows(f"{s}/logits", (rows, E, C), np.float16, chunk_rows)
+            for a in range(0, rows, chunk_rows):
+                b = min(a + chunk_rows, rows)
+                z = rng.standard_normal((b - a, E, C), dtype=np.float32)
+                z *= 2.0
+                z[np.arange(b - a), :, y[a:b]] += 4.0
+                z -= taus[None, :, None] * log_pi[None, None, :]
+                rw.append(z.astype(np.float16))
+                del z
+        out.array("class_counts", counts)
+        out.array("class_to_group", c2g)
+        out.meta.update(
+            experts=[{"key": f"synthetic{e}", "loss": LOSSES[e % 4], "tau": float(taus[e]),
+                      "depth": 0, "test_class_balanced_acc": None} for e in range(E)],
+            splits={"tuneV": n, "val_small": n_val}, num_classes=C, num_experts=E, num_groups=2,
+            chunk_rows=chunk_rows, layout="s/logits float16 [N, E, C]", synthetic=True,
+        )  # fmt: skip
+    ccfg = {"synthetic": True, "T": 1.3}
+    ckey = compute_key("calibrate", 1, ccfg, {"export": ekey})
+    with store.writer("calibrate", ckey, config=ccfg, upstream={"export": ekey},
+                      upstream_stages={"export": "export-logits"}, version=1) as out:  # fmt: skip
+        out.array("temperature", np.full(E, 1.3, np.float32))
+        out.array("shift", taus)
+        out.meta.update(temperatures=[1.3] * E, view="lt", posterior="train")
+    return ekey, ckey
+
+
+def warm_imports() -> None:
+    """Import everything fit_gate imports lazily, so the baseline is really post-import:
+    torch.optim.Adam's first construction imports torch._dynamo (~75 MB of module objects)."""
+    import numpy.ma  # noqa: F401
+    import torch
+    import zarr  # noqa: F401
+
+    import argse_cli.baselines  # noqa: F401
+    import argse_cli.gate_train  # noqa: F401
+    import argse_cli.stages.calibrate  # noqa: F401
+    import argse_cli.stages.train_gate  # noqa: F401
+
+    torch.optim.Adam([torch.zeros(1, requires_grad=True)])
+
+
+def measure(root: Path, ekey: str, ckey: str, epochs: int, buffer_chunks: int,
+            batch_size: int, threads: int) -> dict:  # fmt: skip
+    """Run fit_gate in THIS process (call it in a fresh one); RssAnon peak above the baseline."""
+    import torch
+
+    import argse_cli.stages.train_gate as tg
+    from argse_cli.config import TrainGateConfig
+    from argse_cli.store import Store
+
+    if threads:
+        torch.set_num_threads(threads)
+    sources: list = []
+
+    class Recording(tg.ZarrSource):
+        def __init__(self, *a, **k):
+            super().__init__(*a, **k)
+            sources.append(self)
+
+    tg.ZarrSource = Recording
+    store = Store(root)
+    exp, cal = store.open("export-logits", ekey), store.open("calibrate", ckey)
+    cfg = TrainGateConfig(epochs=epochs, tau_warmup_epochs=0, patience=epochs,
+                          buffer_chunks=buffer_chunks, batch_size=batch_size)  # fmt: skip
+    warm_imports()
+    gc.collect()
+    base = rss_anon_mib()
+    sampler = PeakSampler()
+    sampler.start()
+    t0 = time.perf_counter()
+    res = tg.fit_gate(cfg, exp, cal)
+    dt = time.perf_counter() - t0
+    peak = sampler.stop()
+    n = int(exp.meta["splits"]["tuneV"])
+    epochs_run = len(res.history["epoch"])
+    src = sources[0]
+    return {
+        "n": n, "seconds": dt, "epochs_run": epochs_run, "samples_per_s": epochs_run * n / dt,
+        "baseline_mib": base, "peak_mib": peak, "peak_above_mib": peak - base,
+        "max_resident_rows": int(src.max_resident_rows),
+        "resident_bound_rows": int(buffer_chunks * exp.meta["chunk_rows"]),
+        "chunk_rows": int(exp.meta["chunk_rows"]), "buffer_chunks": buffer_chunks,
+        "threads": torch.get_num_threads(),
+    }  # fmt: skip
+
+
+MODES = {
+    "": {},  # glibc as shipped (dynamic mmap threshold)
+    "_mmap1m": {"MALLOC_MMAP_THRESHOLD_": str(2**20)},  # fixed 1 MiB threshold (diagnostic)
+}
+
+
+def _line(name: str, value: float, unit: str, reference, extra: dict) -> str:
+    ratio = round(value / reference, 4) if reference else None
+    return json.dumps({"name": name, "value": round(value, 2), "unit": unit, "reference": reference,
+                       "ratio": ratio, "device": "cpu", "commit": commit(), **extra})  # fmt: skip
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--n", type=int, nargs="+", default=[10_000, 100_000, 1_000_000])
+    ap.add_argument("--classes", type=int, default=1000)
+    ap.add_argument("--experts", type=int, default=4)
+    ap.add_argument("--chunk-rows", type=int, default=4096)
+    ap.add_argument("--buffer-chunks", type=int, default=4)
+    ap.add_argument("--n-val", type=int, default=4000)
+    ap.add_argument("--epochs", type=int, default=1)
+    ap.add_argument("--batch-size", type=int, default=256)
+    ap.add_argument("--threads", type=int, default=0)
+    ap.add_argument(
+        "--malloc",
+        choices=("default", "both"),
+        default="both",
+        help="also measure with a fixed 1 MiB glibc mmap threshold (diagnostic)",
+    )
+    ap.add_argument("--dir", type=Path, default=None, help="scratch directory (default: temp)")
+    ap.add_argument("--worker", nargs=3, metavar=("ROOT", "EXPORT_KEY", "CALIB_KEY"),
+                    help=argparse.SUPPRESS)  # fmt: skip
+    a = ap.parse_args()
+    if a.worker:
+        r = measure(Path(a.worker[0]), a.worker[1], a.worker[2], a.epochs, a.buffer_chunks,
+                    a.batch_size, a.threads)  # fmt: skip
+        print(json.dumps(r))
+        return
+
+    modes = MODES if a.malloc == "both" else {"": {}}
+    results: dict[str, list] = {m: [] for m in modes}
+    for n in a.n:
+        d = Path(tempfile.mkdtemp(prefix="bench_gate_", dir=a.dir))
+        try:
+            t0 = time.perf_counter()
+            ekey, ckey = write_synthetic_store(d / "store", n, a.classes, a.experts,
+                                               a.chunk_rows, a.n_val)  # fmt: skip
+            t_write = time.perf_counter() - t0
+            for suffix, env in modes.items():
+                cmd = [sys.executable, __file__, "--worker", str(d / "store"), ekey, ckey,
+                       "--epochs", str(a.epochs), "--buffer-chunks", str(a.buffer_chunks),
+                       "--batch-size", str(a.batch_size), "--threads", str(a.threads)]  # fmt: skip
+                p = subprocess.run(cmd, capture_output=True, text=True, check=False,
+                                   env={**os.environ, **env})  # fmt: skip
+                if p.returncode != 0:
+                    sys.stderr.write(p.stderr[-4000:])
+                    raise SystemExit(f"gate measurement for N={n} failed (rc {p.returncode})")
+                r = json.loads(p.stdout.strip().splitlines()[-1])
+                results[suffix].append(r)
+                extra = {"rows": n, "classes": a.classes, "experts": a.experts,
+                         "epochs": r["epochs_run"], "chunk_rows": a.chunk_rows,
+                         "buffer_chunks": a.buffer_chunks,
+                         "max_resident_rows": r["max_resident_rows"],
+                         "resident_bound_rows": r["resident_bound_rows"],
+                         "baseline_mib": round(r["baseline_mib"], 1),
+                         "fit_s": round(r["seconds"], 1), "write_store_s": round(t_write, 1),
+                         "threads": r["threads"], "malloc": env or "glibc default"}  # fmt: skip
+                print(_line(f"gate_stream_samples_per_s_{n}{suffix}", r["samples_per_s"],
+                            "rows/s", None, extra), flush=True)  # fmt: skip
+                print(_line(f"gate_stream_peak_rss_anon_above_baseline_{n}{suffix}",
+                            r["peak_above_mib"], "MiB", None, extra), flush=True)  # fmt: skip
+        finally:
+            shutil.rmtree(d, ignore_errors=True)
+    for suffix, env in modes.items():
+        full = [
+            r for r in results[suffix] if r["max_resident_rows"] >= 0.9 * r["resident_bound_rows"]
+        ]
+        if len(full) < 2:
+            continue
+        lo, hi = sorted(full, key=lambda r: r["n"])[-2:]
+        ratio = hi["peak_above_mib"] / lo["peak_above_mib"]
+        print(json.dumps({
+            "name": f"gate_stream_peak_ratio_{hi['n']}_vs_{lo['n']}{suffix}",
+            "value": round(ratio, 4), "unit": "x", "reference": 1.2, "ratio": round(ratio / 1.2, 4),
+            "device": "cpu", "commit": commit(), "pass": bool(ratio <= 1.2),
+            "malloc": env or "glibc default",
+            "peak_above_mib": {str(lo["n"]): round(lo["peak_above_mib"], 1),
+                               str(hi["n"]): round(hi["peak_above_mib"], 1)},
+        }), flush=True)  # fmt: skip
+
+
+if __name__ == "__main__":
+    main()
