@@ -190,12 +190,17 @@ def _kill(p: subprocess.Popen) -> None:
 
 def test_sigkill_leaves_nothing_complete_and_rerun_succeeds(store_root, synthetic_cifar10):
     env = {"ARGSE_STORE": str(store_root), "ARGSE_DATA": str(synthetic_cifar10)}
-    for delay in (0.3, 0.6, 0.9):
+    killed = 0
+    for delay in (0.05, 0.3, 0.6, 0.9):
         p = _start_split(env)
         time.sleep(delay)
         _kill(p)
-        assert p.returncode == -signal.SIGKILL, f"finished before the kill at {delay}s"
+        if p.returncode != -signal.SIGKILL:  # a fast machine finished first: nothing to check here
+            shutil.rmtree(store_root, ignore_errors=True)
+            continue
+        killed += 1
         assert Store(store_root).list() == []
+    assert killed >= 1, "every run finished before its kill"
     # and once more, killed the moment its temp dir appears (mid-write)
     p = _start_split(env)
     tmp_seen, t0 = False, time.time()

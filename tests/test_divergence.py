@@ -30,7 +30,7 @@ def test_train_expert_lr_1e6_diverges_and_publishes_nothing(tiny, tmp_path):
     before = listing(store)
     res = tiny.run("train-expert", "-c", str(tiny.cfg), "--loss", "ce", "--lr", "1e6",
                    "--epochs", "2", "-q", store=store)  # fmt: skip
-    line = assert_one_line_error(res, ["train_expert.lr", "diverged at epoch 1", "NaN", "lower"])
+    line = assert_one_line_error(res, ["train_expert.lr", "diverged at epoch", "NaN", "lower"])
     assert "nothing was published" in line
     assert listing(store) == before
 

@@ -208,8 +208,8 @@ def _val_objective(res, post, y) -> float:
 def small_runs():
     post, y = make_two_expert_problem(4000, 0)
     pv, yv = make_two_expert_problem(2000, 1)
-    # The project recipe except: 40 epochs, 10 warm-up epochs, c=0.1, a smaller gate.
-    common = dict(c=0.1, epochs=40, tau_warmup_epochs=10, hidden=(32, 16))
+    # The project recipe except: 25 epochs, 8 warm-up epochs, c=0.1, a smaller gate.
+    common = dict(c=0.1, epochs=25, tau_warmup_epochs=8, hidden=(32, 16))
     runs = {}
     for frozen in (False, True):
         recipe = GateRecipe(frozen_uniform_gate=frozen, **common)

@@ -357,7 +357,7 @@ def _check_files(paths):
 def test_stage_module_is_light():
     code = (
         "import sys, argse_cli.stages.report as r, argse_cli.report; "
-        "assert r.STAGE == 'report' and r.VERSION == 1; "
+        "assert r.STAGE == 'report' and r.VERSION >= 1; "
         "bad = [m for m in ('matplotlib', 'numpy', 'torch', 'zarr') if m in sys.modules]; "
         "assert not bad, bad"
     )

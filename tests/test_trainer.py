@@ -61,7 +61,7 @@ def test_loss_finite_decreases_and_learns():
         progress=lambda e, n, d: seen.append((e, n, d)),
         eval_data=(xt, yt),
     )
-    assert len(hist) == 3 and [s[0] for s in seen] == [0, 1, 2] and seen[0][1] == 3
+    assert len(hist) == 3 and [s[0] for s in seen] == [1, 2, 3] and seen[0][1] == 3
     assert all(math.isfinite(h["loss"]) for h in hist)
     assert hist[-1]["loss"] < hist[0]["loss"]
     assert {"loss", "acc", "lr", "img_per_s"} <= set(hist[0])
