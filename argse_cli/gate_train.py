@@ -321,6 +321,10 @@ class InMemorySource:
     def __len__(self) -> int:
         return math.ceil(self.post.shape[0] / self.batch_size)
 
+    @property
+    def n_rows(self) -> int:
+        return int(self.post.shape[0])
+
     def iter_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
         perm = torch.randperm(self.post.shape[0], generator=gen)
@@ -470,11 +474,24 @@ def rule_row_stats(
     K: int,
     hard: bool,
     device: torch.device,
+    n_rows: int | None = None,
 ) -> dict[str, np.ndarray]:
     """Per-group statistics of the gate's mixture eta over rows (gate fixed): Mx[n,k] = max of eta
     over G_k, A[n,k] its argmax class, E[n,k] = sum over G_k, plus y and w. The plug-in rule
     depends on eta only through them (O(N K) memory, independent of C)."""
-    out: dict[str, list] = {"Mx": [], "A": [], "E": [], "y": [], "w": []}
+    # Results go into arrays allocated once per size (doubling), not one small tensor per batch:
+    # small long-lived blocks carved out of the freed per-batch [B, E, C] holes would otherwise
+    # pin heap pages and make the resident memory grow with N (glibc fragmentation).
+    cap = max(int(n_rows or 0), 1)
+    out = {
+        "Mx": np.empty((cap, K)),
+        "A": np.empty((cap, K), np.int64),
+        "E": np.empty((cap, K)),
+        "y": np.empty(cap, np.int64),
+        "w": np.empty(cap),
+    }
+    n = 0
+    cols_k = [torch.nonzero(g_t == k).squeeze(1) for k in range(K)]
     was = gate.training if gate is not None else False
     if gate is not None:
         gate.eval()
@@ -483,22 +500,25 @@ def rule_row_stats(
             post = post.to(device).float()
             eta = mixture_posterior(_gate_weights(gate, post, hard), post)
             B = eta.shape[0]
-            mx = torch.empty((B, K), dtype=torch.float64, device=device)
-            am = torch.empty((B, K), dtype=torch.long, device=device)
-            sm = torch.empty((B, K), dtype=torch.float64, device=device)
-            for k in range(K):
-                cols = torch.nonzero(g_t == k).squeeze(1)
+            if n + B > len(out["y"]):
+                grow = max(2 * len(out["y"]), n + B)
+                out = {
+                    k: np.concatenate([v[:n], np.empty((grow - n, *v.shape[1:]), v.dtype)])
+                    for k, v in out.items()
+                }
+            for k, cols in enumerate(cols_k):
                 sub = eta[:, cols]
                 v, i = sub.max(1)
-                mx[:, k], am[:, k], sm[:, k] = v.double(), cols[i], sub.double().sum(1)
-            out["Mx"].append(mx.cpu())
-            out["A"].append(am.cpu())
-            out["E"].append(sm.cpu())
-            out["y"].append(torch.as_tensor(y).long().cpu())
-            out["w"].append(torch.as_tensor(w).double().cpu())
+                out["Mx"][n : n + B, k] = v.double().cpu().numpy()
+                out["A"][n : n + B, k] = cols[i].cpu().numpy()
+                out["E"][n : n + B, k] = sub.double().sum(1).cpu().numpy()
+            out["y"][n : n + B] = torch.as_tensor(y).long().cpu().numpy()
+            out["w"][n : n + B] = torch.as_tensor(w).double().cpu().numpy()
+            n += B
+            del eta, post
     if gate is not None and was:
         gate.train()
-    return {k: torch.cat(v).numpy() for k, v in out.items()}
+    return {k: v[:n] for k, v in out.items()}
 
 
 def refit_rule(
@@ -518,14 +538,17 @@ def refit_rule(
     current mixture: fitted on the training rows, mu selected on val_small."""
     from argse_cli.baselines import fit_cs_plugin_from_stats
 
-    st = rule_row_stats(gate, train_source.iter_epoch(epoch), g_t, K, recipe.hard_routing, device)
+    n_rows = getattr(train_source, "n_rows", None)
+    st = rule_row_stats(
+        gate, train_source.iter_epoch(epoch), g_t, K, recipe.hard_routing, device, n_rows
+    )
     post_val, y_val, w_val = val
     bs = max(recipe.batch_size, 4096)
     vb = (
         (post_val[i : i + bs], y_val[i : i + bs], w_val[i : i + bs])
         for i in range(0, len(y_val), bs)
     )
-    sv = rule_row_stats(gate, vb, g_t, K, recipe.hard_routing, device)
+    sv = rule_row_stats(gate, vb, g_t, K, recipe.hard_routing, device, len(y_val))
 
     # Warm start: after the first epoch, search lambda = mu_0 - mu_1 (K = 2) on a fine local grid
     # around the previous epoch's value (widened when the best lands on its edge).

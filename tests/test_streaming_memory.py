@@ -18,7 +18,7 @@ Each N runs in a fresh process with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB. With
 threshold the RssAnon peak grows with N although live data does not: the rule refit
 (``gate_train.rule_row_stats``) keeps small per-batch tensors that get carved out of the holes
 the freed per-batch [B, E, C] tensors leave, so every batch needs fresh heap (fragmentation).
-That case is measured too, as an xfail test, until the refit preallocates its statistics. To keep the run short the rule
+That case is measured too (the refit preallocates its statistics, so it holds). To keep the run short the rule
 refit uses one target coverage (0.8) instead of the 10-point coverage search; the streaming path
 is unchanged.
 """
@@ -125,12 +125,6 @@ def test_resident_rows_and_peak_memory_bounded_independent_of_n(peaks):
 
 
 @pytest.mark.slow
-@pytest.mark.xfail(
-    reason="glibc heap fragmentation: rule_row_stats keeps small per-batch tensors that are "
-    "carved out of the freed per-batch [B, E, C] holes, so RssAnon grows ~E*C*4 B per row "
-    "(live data does not); fix in gate_train (preallocated stats) and this passes",
-    strict=False,
-)
 def test_rss_bounded_with_default_allocator(peaks):
     small, big = peaks["default"][20_000], peaks["default"][200_000]
     assert big["max_resident_rows"] == small["max_resident_rows"] == R

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "train-gate"
-VERSION = 2
+VERSION = 3
 CODE = (
     "stages/train_gate.py", "gate_train.py", "nn/gate.py", "rejector.py", "stages/calibrate.py",
 )
@@ -41,6 +41,7 @@ class ZarrSource:
         if experts is not None:
             self.shift, self.T = self.shift[list(experts)], self.T[list(experts)]
         self.n_chunks = export_art.n_chunks(f"{split}/logits")
+        self.n_rows = int(export_art.manifest["arrays"][f"{split}/logits"]["shape"][0])
         self.max_resident_rows = 0
 
     def _chunks(self, name: str, order: Any) -> Any:
