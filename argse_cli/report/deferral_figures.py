@@ -16,37 +16,15 @@ from typing import Any
 
 import numpy as np
 
+from .figures import _new_figure, _save
+
 __all__ = ["plot_defer", "plot_sag"]
 
-_DPI = 150
 _RATE_NAME = {
     "sensitivity": "sensitivity\n(share of model errors rejected)",
     "specificity": "specificity\n(share of correct predictions accepted)",
     "success": "success rate\n(correct outputs, rejected = handled)",
 }
-
-
-def _new_figure(figsize: tuple[float, float], nrows: int = 1, ncols: int = 1) -> tuple[Any, Any]:
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
-    fig = Figure(figsize=figsize, layout="constrained")
-    FigureCanvasAgg(fig)
-    return fig, fig.subplots(nrows, ncols, squeeze=False)
-
-
-def _save(fig: Any, path_stem: Path, formats: Sequence[str]) -> list[Path]:
-    path_stem = Path(path_stem)
-    path_stem.parent.mkdir(parents=True, exist_ok=True)
-    written = []
-    for fmt in formats:
-        if fmt not in ("pdf", "png"):
-            raise ValueError(f"unsupported figure format {fmt!r} (pdf or png)")
-        p = path_stem.parent / f"{path_stem.name}.{fmt}"
-        meta = {"CreationDate": None} if fmt == "pdf" else {"Software": None}
-        fig.savefig(p, format=fmt, dpi=_DPI, metadata=meta)
-        written.append(p)
-    return written
 
 
 def _arr(x: Any) -> np.ndarray:

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE = "report"
-VERSION = 2
+VERSION = 3
 CODE = ("stages/report.py", "report/*.py")
 
 N_BOOT = 1000
