@@ -50,7 +50,7 @@ demo: install data
 	  --baselines $$($(ARGSE) baselines $(DEMO) --print-key)
 
 test: install
-	$(PY) -m pytest -q
+	env -u ARGSE_DATA -u ARGSE_STORE $(PY) -m pytest -q
 
 test-all: install
 	$(PY) -m pytest -q -m "not gpu"
@@ -65,8 +65,7 @@ digests: install
 	$(PY) -m argse_cli.digests --update
 
 bench: install data
-	$(PY) bench/bench_eval.py
-	$(PY) bench/bench_trainer.py --depth 8 --epochs 2
+	$(PY) bench/run_all.py
 
 REPRO := --config configs/cifar10lt.yaml
 reproduce: install data

@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE = "split"
-VERSION = 1
+VERSION = 2
 CODE = ("stages/split.py", "data/cifar.py", "data/longtail.py", "data/groups.py", "data/splits.py")
 
 
@@ -67,20 +67,29 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
 
 
 def load_images(split_art: Any) -> Any:
-    """The CIFAR arrays a split was made from; refuses data whose fingerprint differs."""
+    """The CIFAR arrays a split was made from; refuses data whose fingerprint differs.
+
+    Looks in the root the split was made from first, then in ``ARGSE_DATA`` (data that moved);
+    either must hold exactly the files the split was made from (same fingerprint)."""
     from ..data.cifar import data_fingerprint, load_cifar
     from ..errors import ArgseError
 
     meta = split_art.meta
-    root = Path(os.environ.get("ARGSE_DATA") or meta["data_root"])
     want = split_art.manifest["extra"]["data"]
-    got = data_fingerprint(meta["dataset"], root)
-    if got != want:
-        raise ArgseError(
-            "data_root", f"the files under {root} differ from those split {split_art.key[:12]} was made from",
-            "point ARGSE_DATA / --data-root at the original files or re-run `argse split`",
-        )
-    return load_cifar(meta["dataset"], root)
+    roots = [Path(meta["data_root"])]
+    if os.environ.get("ARGSE_DATA"):
+        roots.append(Path(os.environ["ARGSE_DATA"]))
+    for r in roots:
+        try:
+            if data_fingerprint(meta["dataset"], r) == want:
+                return load_cifar(meta["dataset"], r)
+        except ArgseError:
+            continue
+    raise ArgseError(
+        "data_root",
+        f"no files matching split {split_art.key[:12]} under {', '.join(map(str, roots))}",
+        "point ARGSE_DATA / --data-root at the original files or re-run `argse split`",
+    )
 
 
 def print_table(art: Any) -> None:
