@@ -236,15 +236,61 @@ def threshold_for_coverage(margin: Any, w: Any, target: float) -> float:
         raise ValueError("w and margin differ in length")
     if target <= 0.0:
         return float(-np.nextafter(m.max(), np.inf))
-    order = np.argsort(-m, kind="stable")
-    cw = np.cumsum(wt[order])
-    W = cw[-1]
+    W = float(wt.sum())
     if W <= 0:
         raise ValueError("total weight must be > 0")
     goal = min(float(target), 1.0) * W * (1.0 - 1e-12)
-    k = int(np.searchsorted(cw, goal, side="left"))
-    k = min(k, m.size - 1)
-    return float(-m[order[k]])
+    return -_upper_weighted_quantile(m, wt, goal, min(float(target), 1.0))
+
+
+_SELECT_SORT_BELOW = 1024  # candidate sets this small are finished by a sort
+_SELECT_BRACKET_ABOVE = 16384  # larger inputs first try a bracket from a strided sample
+
+
+def _upper_weighted_quantile(m: np.ndarray, w: np.ndarray, goal: float, q: float) -> float:
+    """m_(k) of :func:`threshold_for_coverage` without sorting all of m (expected O(N)).
+
+    With S(v) = sum_{i: m_i >= v} w_i, m_(k) = max{v in m : S(v) >= goal} (the value at the
+    smallest rank of the decreasing order whose cumulative weight reaches ``goal``; ties share a
+    value, so no tie order matters). Weighted quickselect: keep a candidate set that contains
+    m_(k) and the weight ``above`` of everything larger than it; split it at its median (or, first,
+    at a bracket [lo, hi] read off a strided sample of 8192 values around coverage q +- 0.03, kept
+    only when S(> hi) < goal <= S(>= lo) holds on the full data); finish by a sort once at most
+    1024 candidates remain. The sums are taken in another order than a full cumulative sum, so the
+    result can differ from the sort only when a cumulative weight lies within float rounding
+    (~1e-16 relative) of ``goal``; ``goal`` already carries a 1e-12 relative slack."""
+    vals, wts, above = m, w, 0.0
+    if m.size > _SELECT_BRACKET_ABOVE:
+        idx = np.linspace(0, m.size - 1, 8192).astype(np.int64)
+        sm, sw = m[idx], w[idx]
+        o = np.argsort(-sm, kind="stable")
+        cs = np.cumsum(sw[o])
+        if cs[-1] > 0:
+            cs /= cs[-1]
+            hi = sm[o[min(int(np.searchsorted(cs, max(q - 0.03, 0.0))), sm.size - 1)]]
+            lo = sm[o[min(int(np.searchsorted(cs, min(q + 0.03, 1.0))), sm.size - 1)]]
+            gt = m > hi
+            s_gt = float(w[gt].sum())
+            if s_gt < goal:
+                inside = (m >= lo) & ~gt
+                if s_gt + float(w[inside].sum()) >= goal:
+                    vals, wts, above = m[inside], w[inside], s_gt
+    while vals.size > _SELECT_SORT_BELOW:
+        pivot = np.partition(vals, vals.size // 2)[vals.size // 2]
+        gt = vals > pivot
+        s_gt = above + float(wts[gt].sum())
+        if s_gt >= goal:  # m_(k) > pivot: S(min of the larger values) >= goal
+            vals, wts = vals[gt], wts[gt]
+            continue
+        s_ge = s_gt + float(wts[vals == pivot].sum())
+        if s_ge >= goal:  # S(pivot) >= goal and S(v) <= S(> pivot) < goal for every v > pivot
+            return float(pivot)
+        lt = vals < pivot
+        vals, wts, above = vals[lt], wts[lt], s_ge
+    order = np.argsort(-vals, kind="stable")
+    cw = above + np.cumsum(wts[order])
+    k = min(int(np.searchsorted(cw, goal, side="left")), vals.size - 1)
+    return float(vals[order[k]])
 
 
 def with_coverage(rule: Any, eta: Any, w: Any, target: float) -> Any:

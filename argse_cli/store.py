@@ -124,7 +124,7 @@ class _Hasher:
     def add(self, block: Any) -> None:
         import numpy as np
 
-        b = np.ascontiguousarray(block).tobytes()
+        b = np.ascontiguousarray(block)  # hashed through the buffer protocol: no bytes copy
         self.whole.update(b)
         self.chunks.append(xxhash.xxh3_128_hexdigest(b))
 
@@ -376,7 +376,7 @@ class Artifact:
             h.update(data.tobytes())
         else:
             for i, s in enumerate(range(0, max(len(data), 1), cr)):
-                b = np.ascontiguousarray(data[s : s + cr]).tobytes()
+                b = np.ascontiguousarray(data[s : s + cr])
                 if xxhash.xxh3_128_hexdigest(b) != info["chunk_xxh3"][i]:
                     raise self._fail(name, f"row chunk {i} (rows {s}..{s + cr - 1}) fails its checksum")
                 h.update(b)
@@ -397,7 +397,7 @@ class Artifact:
                 block = np.ascontiguousarray(z[s : min(s + cr, n)])
             except Exception as e:  # noqa: BLE001
                 raise self._fail(name, f"unreadable row chunk {i}") from e
-            if xxhash.xxh3_128_hexdigest(block.tobytes()) != info["chunk_xxh3"][i]:
+            if xxhash.xxh3_128_hexdigest(block) != info["chunk_xxh3"][i]:
                 raise self._fail(name, f"row chunk {i} (rows {s}..) fails its checksum")
             yield s, block
 

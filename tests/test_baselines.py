@@ -107,6 +107,39 @@ def test_threshold_for_coverage_hand_cases():
     assert np.all(m + threshold_for_coverage(m, None, 1.0) >= 0)
 
 
+def _threshold_by_full_sort(m, w, target):
+    """The definition in threshold_for_coverage's docstring, by a full stable sort."""
+    order = np.argsort(-m, kind="stable")
+    cw = np.cumsum(w[order])
+    goal = min(target, 1.0) * cw[-1] * (1.0 - 1e-12)
+    k = min(int(np.searchsorted(cw, goal, side="left")), m.size - 1)
+    return float(-m[order[k]])
+
+
+@pytest.mark.parametrize("n", [50, 5000, 40000, 300000])
+@pytest.mark.parametrize("kind", ["distinct", "ties", "sorted", "zero_weights", "heavy"])
+def test_threshold_for_coverage_selection_equals_full_sort(n, kind):
+    """The expected-O(N) selection (strided-sample bracket + weighted quickselect) returns the
+    same shift as a full sort at every coverage, on inputs that defeat a naive bracket."""
+    rng = np.random.default_rng(n)
+    m = rng.normal(size=n)
+    w = rng.choice([0.3, 1.0, 30.0], size=n)
+    if kind == "ties":
+        m = np.round(m, 1)
+    elif kind == "sorted":  # the strided sample sees an ordered sequence
+        m = np.sort(m)
+        w = np.where(np.arange(n) < n // 2, 100.0, 0.01)
+    elif kind == "zero_weights":
+        w[rng.random(n) < 0.5] = 0.0
+    elif kind == "heavy":  # one row holds most of the weight
+        w[n // 3] = 1e6
+    for target in [1e-4, 0.05, 0.31, 0.5, 0.7, 0.8, 0.9, 0.97, 0.99999, 1.0]:
+        assert threshold_for_coverage(m, w, target) == _threshold_by_full_sort(m, w, target)
+    u = np.ones(n)
+    for target in [0.1, 0.5, 0.9]:
+        assert threshold_for_coverage(m, None, target) == _threshold_by_full_sort(m, u, target)
+
+
 @pytest.mark.parametrize("target", [0.1, 0.37, 0.5, 0.8, 0.999, 1.0])
 def test_threshold_for_coverage_exact_on_distinct_scores(target):
     rng = np.random.default_rng(1)

@@ -12,7 +12,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "eval"
-VERSION = 2
+VERSION = 3
 CODE = ("stages/evaluate.py", "evaluation.py", "metrics/*.py", "baselines.py", "rejector.py",
         "guarantees.py", "sag.py", "l2d.py")
 

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "train-gate"
-VERSION = 3
+VERSION = 4
 CODE = (
     "stages/train_gate.py", "gate_train.py", "nn/gate.py", "rejector.py", "stages/calibrate.py",
 )
@@ -56,23 +56,28 @@ class ZarrSource:
         rng = np.random.default_rng([self.seed, epoch])
         order = rng.permutation(self.n_chunks)
         wname = "w_lt" if self.view == "lt" else "w_bal"
+        info = self.exp.manifest["arrays"][f"{self.split}/logits"]
+        cr, dtype = int(info["chunk_rows"]), np.dtype(info["dtype"])
         for b in range(0, len(order), self.buffer_chunks):
             sel = order[b : b + self.buffer_chunks]
-            logits = [blk for _, blk in self._chunks("logits", sel)]
-            ys = [blk for _, blk in self._chunks("labels", sel)]
-            ws = [blk for _, blk in self._chunks(wname, sel)]
-            f = np.concatenate(logits)
+            # the selected chunks decoded straight into one buffer (no list + concatenate copy)
+            f = np.empty((sum(min(cr, self.n_rows - int(i) * cr) for i in sel), *info["shape"][1:]), dtype)
+            at = 0
+            for _, blk in self._chunks("logits", sel):
+                f[at : at + len(blk)] = blk
+                at += len(blk)
             if self.experts is not None:
                 f = f[:, list(self.experts)]
             post = torch.from_numpy(apply_calibration(f, self.log_pi, self.shift, self.T))
-            y = torch.from_numpy(np.concatenate(ys)).long()
-            w = torch.from_numpy(np.concatenate(ws)).float()
+            del f
+            y = torch.from_numpy(np.concatenate([blk for _, blk in self._chunks("labels", sel)])).long()
+            w = torch.from_numpy(np.concatenate([blk for _, blk in self._chunks(wname, sel)])).float()
             self.max_resident_rows = max(self.max_resident_rows, len(y))
             perm = torch.from_numpy(rng.permutation(len(y)))
             for i in range(0, len(perm), self.batch_size):
                 idx = perm[i : i + self.batch_size]
                 yield post[idx], y[idx], w[idx]
-            del post, y, w, f, logits
+            del post, y, w
 
 
 def recipe_from_config(cfg: Any) -> Any:
