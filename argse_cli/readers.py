@@ -275,8 +275,11 @@ def _npz_member(path: Path, key: str | None, spec: str) -> Any:
         return np.memmap(
             path, dtype=dtype, mode="r", offset=data_at, shape=shape, order="F" if fortran else "C"
         )
-    with np.load(path, allow_pickle=False) as z:
-        return z[key]
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            return z[key]
+    except ValueError as e:  # an object member (numpy refuses to unpickle it)
+        raise ArgseError("logits", f"{spec}: not a numeric array ({e})", "save a float array") from None
 
 
 def _torch_array(path: Path, key: str | None, spec: str) -> tuple[Any, str]:

@@ -27,6 +27,8 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import commit  # noqa: E402
 
 DEMO = ROOT / "configs" / "demo.yaml"
 # Tiny sizes over configs/demo.yaml for the synthetic mode (a few minutes cold on 2 cores).
@@ -39,17 +41,6 @@ TINY = {
     "baselines": {"n_boot": 0, "gate_epochs": 3},
     "report": {"formats": ["png"]},
 }
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-            timeout=10,
-        )  # fmt: skip
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
 
 
 def argse_cmd() -> list[str]:

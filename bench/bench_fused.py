@@ -77,9 +77,7 @@ def main() -> None:
         xtr, ytr, xte, yte = bt.load_cifar10(Path(a.data_dir))
         data = "cifar10-offline-LT100"
     else:
-        # one draw, split: the class colours depend on the seed, so train and test share it
-        x, y = bt.synthetic(60000, a.seed)
-        xtr, ytr, xte, yte = x[:50000], y[:50000], x[50000:], y[50000:]
+        xtr, ytr, xte, yte = bt.synthetic(50000, 10000, a.seed)  # same class colours
         data = "synthetic-LT100"
     xtr, ytr = bt.long_tail(xtr, ytr, a.n_train, 100.0, a.seed)
     xte, yte = bt.balanced_test(xte, yte, a.n_test, a.seed)

@@ -37,52 +37,16 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakSampler, commit, rss_anon_mib  # noqa: E402,F401
 
 LOSSES = ("ce", "balsoftmax", "logitadjust:2", "logitadjust:0.5")
 TAUS = (0.0, 1.0, 2.0, 0.5)
-
-
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True,
-            timeout=10,
-        )  # fmt: skip
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def rss_anon_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-class PeakSampler(threading.Thread):
-    """Samples RssAnon every ``every_s`` seconds; ``stop()`` returns the peak (MiB)."""
-
-    def __init__(self, every_s: float = 0.005):
-        super().__init__(daemon=True)
-        self.every_s, self.peak, self._halt = every_s, 0.0, threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak = max(self.peak, rss_anon_mib())
-            time.sleep(self.every_s)
-
-    def stop(self) -> float:
-        self._halt.set()
-        self.join()
-        self.peak = max(self.peak, rss_anon_mib())
-        return self.peak
 
 
 def class_prior(C: int, imbalance: float = 100.0):

@@ -15,57 +15,20 @@ import argparse
 import gc
 import json
 import shutil
-import subprocess
 import sys
 import tempfile
-import threading
 import time
 from pathlib import Path
 
 import numpy as np
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _common import PeakSampler, rss_anon_mib  # noqa: E402
+from _common import commit as _commit  # noqa: E402
 
 REFERENCE_MIB = 1024.0
 SPLITS = ("tuneV", "val_small", "calib", "test")
-
-
-def _commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "rev-parse", "--short", "HEAD"],
-            cwd=Path(__file__).resolve().parents[1],
-            capture_output=True,
-            text=True,
-            timeout=10,
-        )
-        return out.stdout.strip() if out.returncode == 0 and out.stdout.strip() else "unknown"
-    except (OSError, subprocess.SubprocessError):
-        return "unknown"
-
-
-def rss_anon_mib() -> float:
-    for line in Path("/proc/self/status").read_text().splitlines():
-        if line.startswith("RssAnon:"):
-            return int(line.split()[1]) / 1024.0
-    raise RuntimeError("no RssAnon in /proc/self/status")
-
-
-class PeakSampler(threading.Thread):
-    def __init__(self, every_s: float = 0.01):
-        super().__init__(daemon=True)
-        self.every_s, self.peak, self._halt = every_s, 0.0, threading.Event()
-
-    def run(self) -> None:
-        while not self._halt.is_set():
-            self.peak = max(self.peak, rss_anon_mib())
-            time.sleep(self.every_s)
-
-    def stop(self) -> float:
-        self._halt.set()
-        self.join()
-        self.peak = max(self.peak, rss_anon_mib())
-        return self.peak
 
 
 def write_inputs(

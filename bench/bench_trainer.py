@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import argparse
 import json
-import pickle
 import statistics
 import subprocess
 import sys
@@ -26,38 +25,38 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))
 sys.path.insert(0, str(Path(__file__).resolve().parent))
 
+from _common import CIFAR10_BUILDER as BUILDER  # noqa: E402
+from _common import commit  # noqa: E402,F401  (bench_fused reads bt.commit)
 from reference_trainer import train_reference  # noqa: E402
 
+from argse_cli.data.cifar import load_cifar  # noqa: E402  (allow-list unpickler)
 from argse_cli.experts.trainer import TrainRecipe, predict_logits, train_expert  # noqa: E402
-
-BUILDER = Path("/work/shared/data/cifar10/build_cifar10.py")
-
-
-def _read_batch(path: Path) -> tuple[np.ndarray, np.ndarray]:
-    """One official python-layout CIFAR batch -> (uint8 [N, 32, 32, 3], int64 [N])."""
-    with open(path, "rb") as f:
-        d = pickle.load(f, encoding="bytes")
-    x = np.asarray(d[b"data"], dtype=np.uint8).reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1)
-    return np.ascontiguousarray(x), np.asarray(d[b"labels"], dtype=np.int64)
 
 
 def load_cifar10(data_dir: Path):
-    root = data_dir / "cifar-10-batches-py"
-    if not (root / "test_batch").is_file():
+    """The official python layout under data_dir (built from the offline copy when missing)."""
+    import warnings
+
+    if not (data_dir / "cifar-10-batches-py" / "test_batch").is_file():
         subprocess.run([sys.executable, str(BUILDER), str(data_dir)], check=True)
-    parts = [_read_batch(root / f"data_batch_{i}") for i in range(1, 6)]
-    xtr, ytr = np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
-    xte, yte = _read_batch(root / "test_batch")
-    return xtr, ytr, xte, yte
+    with warnings.catch_warnings():  # the offline copy's MD5s differ by construction
+        warnings.simplefilter("ignore", UserWarning)
+        d = load_cifar("cifar10", data_dir)
+    return d.x_train, d.y_train, d.x_test, d.y_test
 
 
-def synthetic(n: int, seed: int):
-    """10 classes: class c has a fixed random mean colour + noise."""
+def synthetic(n_train: int, n_test: int, seed: int):
+    """10 classes: class c has a fixed random mean colour + noise. Train and test are drawn from
+    the SAME class colours (one generator), so test accuracy measures learning."""
     rng = np.random.default_rng(seed)
     means = rng.uniform(40, 215, size=(10, 3))
-    y = rng.integers(0, 10, n)
-    x = means[y][:, None, None, :] + rng.normal(0, 40, size=(n, 32, 32, 3))
-    return np.clip(x, 0, 255).astype(np.uint8), y
+
+    def draw(n: int):
+        y = rng.integers(0, 10, n)
+        x = means[y][:, None, None, :] + rng.normal(0, 40, size=(n, 32, 32, 3))
+        return np.clip(x, 0, 255).astype(np.uint8), y
+
+    return (*draw(n_train), *draw(n_test))
 
 
 def long_tail(x, y, n_train: int, imb: float, seed: int):
@@ -88,19 +87,6 @@ def bal_acc(pred: np.ndarray, y: np.ndarray) -> float:
     return float(np.mean([np.mean(pred[y == c] == c) for c in np.unique(y)]))
 
 
-def commit() -> str:
-    try:
-        out = subprocess.run(
-            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-            capture_output=True,
-            text=True,
-            check=True,
-        )
-        return out.stdout.strip()
-    except (subprocess.CalledProcessError, FileNotFoundError):
-        return "uncommitted"
-
-
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--depth", type=int, default=8)
@@ -121,8 +107,7 @@ def main() -> None:
         xtr, ytr, xte, yte = load_cifar10(Path(a.data_dir))
         data = "cifar10-offline-LT100"
     else:
-        xtr, ytr = synthetic(50000, a.seed)
-        xte, yte = synthetic(10000, a.seed + 1)
+        xtr, ytr, xte, yte = synthetic(50000, 10000, a.seed)
         data = "synthetic-LT100"
     xtr, ytr = long_tail(xtr, ytr, a.n_train, 100.0, a.seed)
     xte, yte = balanced_test(xte, yte, a.n_test, a.seed)

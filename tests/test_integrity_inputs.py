@@ -156,3 +156,22 @@ def test_damaged_side_file_is_refused_on_read(tiny, tmp_path):
     h.unlink()
     with pytest.raises(IntegrityError, match="history.json.*missing"):
         a.json("history.json")
+
+
+def test_export_refuses_an_expert_whose_weights_were_damaged(tiny, tmp_path):
+    """The stage reads weights through the checksum (one flipped bit would silently change every
+    logit): a one-line error naming the artifact and file, nothing published."""
+    store = tmp_path / "store"
+    shutil.copytree(tiny.store, store)
+    for stage in ("export-logits", "calibrate"):
+        shutil.rmtree(store / stage)
+    key = tiny.keys["train-expert"]
+    p = Store(store).open("train-expert", key).path / "files" / "model.safetensors"
+    b = bytearray(p.read_bytes())
+    b[-100] ^= 0x01
+    p.write_bytes(bytes(b))
+    before = listing(store)
+    res = tiny.run(*tiny.argv("export-logits"), "-q", store=store)
+    assert_one_line_error(res, [f"train-expert/{key[:12]}:model.safetensors", "checksum"])
+    assert listing(store) == before
+    assert not (store / "export-logits").exists() or not any((store / "export-logits").iterdir())

@@ -243,7 +243,7 @@ def test_pickled_logits_files_are_refused_without_running(tmp_path):
             open_logits(str(tmp_path / spec))
         with pytest.raises(ArgseError):
             load_vector(str(tmp_path / spec), "labels")
-    with pytest.raises((ArgseError, ValueError)):  # deflated member: numpy refuses the pickle
+    with pytest.raises(ArgseError, match="not a numeric array"):  # deflated: numpy refuses it
         open_logits(str(tmp_path / "oc.npz:logits"))
     with pytest.raises(ArgseError):
         load_vector(str(tmp_path / "a.pt:evil"), "labels")

@@ -106,7 +106,7 @@ def _comparisons(report_art: Any, view: str) -> list[str]:
 def render(report_art: Any, protocol: dict | None, command: str) -> str:
     from ..metrics import AURC_CONVENTION
 
-    doc = json.loads(report_art.file("summary.json").read_text())
+    doc = report_art.json("summary.json")
     boot = _boot_of(report_art)
     try:
         commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,

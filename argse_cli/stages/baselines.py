@@ -22,7 +22,7 @@ import re
 from typing import Any
 
 STAGE = "baselines"
-VERSION = 4
+VERSION = 5
 CODE = ("stages/baselines.py", "baselines.py", "evaluation.py", "metrics/*.py", "rejector.py",
         "gate_train.py", "nn/gate.py", "stages/train_gate.py", "experts/calibration.py")
 

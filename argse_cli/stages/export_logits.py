@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "export-logits"
-VERSION = 2
+VERSION = 3
 CODE = ("stages/export_logits.py", "experts/trainer.py", "nn/resnet.py")
 SPLIT_ARRAYS = ("labels", "w_lt", "w_bal", "group")
 
@@ -41,7 +41,7 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
         if a.meta.get("num_classes") != C:
             raise ArgseError("experts", f"expert {a.key[:12]} has {a.meta.get('num_classes')} classes, split has {C}",
                              "train every expert on the same split")
-        models.append(load_model(a.file("model.safetensors").read_bytes(), a.meta["depth"], C))
+        models.append(load_model(a.read_bytes("model.safetensors"), a.meta["depth"], C))
     names = (("train",) if cfg.include_train else ()) + HELDOUT_SPLITS
     sizes = {}
     for si, s in enumerate(names):

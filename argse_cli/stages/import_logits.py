@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE = "import-logits"
-VERSION = 1
+VERSION = 2
 CODE = (
     "stages/import_logits.py",
     "readers.py",

@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "train-expert"
-VERSION = 2
+VERSION = 3
 CODE = (
     "stages/train_expert.py", "experts/trainer.py", "experts/losses.py", "experts/augment.py",
     "nn/resnet.py",
@@ -66,7 +66,7 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     )
     init = None
     if decoupled:
-        init = inputs["backbone"].file("model.safetensors").read_bytes()
+        init = inputs["backbone"].read_bytes("model.safetensors")
     progress.log(f"train-expert {cfg.loss}: {len(y)} images, ResNet-{cfg.depth}, {recipe.epochs} epochs, {cfg.device}")
     try:
         model, history = train_expert(

@@ -16,7 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "train-gate"
-VERSION = 4
+VERSION = 5
 CODE = (
     "stages/train_gate.py", "gate_train.py", "nn/gate.py", "rejector.py", "stages/calibrate.py",
 )
@@ -173,7 +173,7 @@ def load_gate(art: Any) -> Any:
     if "gate.safetensors" in art.manifest.get("files", {}):
         from safetensors.torch import load
 
-        state = load(art.file("gate.safetensors").read_bytes())
+        state = load(art.read_bytes("gate.safetensors"))
     exp = art.upstream("export")
     return GateResult(
         gate_state=state, alpha=art.array("alpha"), mu=art.array("mu"), lam=art.array("lambda"),
