@@ -33,21 +33,31 @@ $(DATA)/cifar-10-batches-py/batches.meta:
 	  echo "CIFAR-10 not found under $(DATA)/: run 'make demo DOWNLOAD=1' (torchvision download) or put cifar-10-batches-py/ there"; exit 2; \
 	fi
 
-DEMO := --config configs/demo.yaml
+DEMO_CFG ?= configs/demo.yaml
+DEMO := --config $(DEMO_CFG)
+DEMO_OUT ?= reports/demo
+DEMO_IMPORT ?= build/demo_import
 demo: install data
 	$(ARGSE) split $(DEMO)
 	$(ARGSE) train-expert $(DEMO)
 	$(ARGSE) export-logits $(DEMO)
 	$(ARGSE) calibrate $(DEMO)
+	@# import-logits on the demo's own experts written out as plain .npy files (the path for logits from elsewhere)
+	$(PY) scripts/export_to_files.py $$($(ARGSE) export-logits $(DEMO) --print-key) $(DEMO_IMPORT) >/dev/null
+	$(ARGSE) import-logits --config $(DEMO_IMPORT)/pipeline.yaml
+	$(ARGSE) calibrate --config $(DEMO_IMPORT)/pipeline.yaml
 	$(ARGSE) train-gate $(DEMO) --beta balanced
 	$(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0
 	$(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key)
 	$(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0 --print-key)
 	$(ARGSE) baselines $(DEMO)
-	$(ARGSE) report $(DEMO) --out reports/demo \
+	$(ARGSE) report $(DEMO) --out $(DEMO_OUT) \
 	  --eval $$($(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key) --print-key) \
 	  --eval $$($(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0 --print-key) --print-key) \
 	  --baselines $$($(ARGSE) baselines $(DEMO) --print-key)
+	@# apply: the stored balanced gate + rejector on the test logits files, one per expert in gate order
+	$(ARGSE) apply $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key) \
+	  $$(for f in $(DEMO_IMPORT)/logits/e*_test.npy; do echo --logits $$f; done) --out $(DEMO_OUT)/apply_test.npz
 
 test: install
 	env -u ARGSE_DATA -u ARGSE_STORE $(PY) -m pytest -q
@@ -56,7 +66,7 @@ test-all: install
 	$(PY) -m pytest -q -m "not gpu"
 
 lint: install
-	$(VENV)/bin/ruff check argse_cli tests bench
+	$(VENV)/bin/ruff check argse_cli tests bench scripts
 
 schemas: install
 	$(PY) -m argse_cli.schemas --write

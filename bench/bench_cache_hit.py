@@ -1,14 +1,15 @@
-"""Benchmark: wall time of the all-cache-hit rerun of the `make demo` command sequence (CPU).
+"""Benchmark: wall time of the all-cache-hit rerun of `make demo` (CPU).
 
-The sequence is the Makefile's ``demo`` recipe, one ``argse`` process per invocation, the nested
-``$(argse ... --print-key)`` calls included (17 processes): split, train-expert, export-logits,
-calibrate, train-gate x2, eval x2, baselines, report.
+Runs the Makefile's ``demo`` target itself (``make -s demo VENV=<this interpreter's venv> ...``),
+so the timed sequence is the recipe, whatever it holds (each stage one ``argse`` process, the
+nested ``$(argse ... --print-key)`` calls, the export-to-files + import-logits round trip, apply).
 
 Mode ``demo-store``: when ARGSE_STORE holds a completed demo (the report artifact of
-configs/demo.yaml exists) the sequence is timed once more on it (every stage must answer
+configs/demo.yaml exists) ``make demo`` is timed once more on it (every stage must answer
 "cached"); reference = null. Mode ``synthetic`` otherwise: a tiny synthetic CIFAR-10 and
-configs/demo.yaml with tiny sizes in a temp store; the sequence runs once cold (the reference)
-and then again (the value; every stage must answer "cached"). One JSON line.
+configs/demo.yaml with tiny sizes, everything in a temp directory (DEMO_CFG, STORE, DATA, DEMO_OUT,
+DEMO_IMPORT); ``make demo`` runs once cold (the reference) and then again (the value; every stage
+must answer "cached"). One JSON line.
 
     python bench/bench_cache_hit.py [--mode auto|synthetic|demo-store]
 """
@@ -18,6 +19,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -48,44 +50,13 @@ def argse_cmd() -> list[str]:
     return [str(exe)] if exe.is_file() else [sys.executable, "-m", "argse_cli.cli"]
 
 
-class Runner:
-    """Runs argse invocations, counting them and collecting the non-print-key outputs."""
-
-    def __init__(self, env: dict, cwd: Path):
-        self.env, self.cwd, self.calls, self.outputs = env, cwd, 0, []
-
-    def __call__(self, *args: str) -> str:
-        self.calls += 1
-        p = subprocess.run(
-            [*argse_cmd(), *args], env=self.env, cwd=self.cwd, capture_output=True, text=True,
-            timeout=3600,
-        )  # fmt: skip
-        if p.returncode != 0:
-            raise SystemExit(f"argse {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
-        if "--print-key" in args:
-            return p.stdout.strip()
-        self.outputs.append((args[0], p.stdout + p.stderr))
-        return p.stdout
-
-
-def demo_sequence(run: Runner, cfg: str, out_dir: str) -> None:
-    """The Makefile's demo recipe, invocation for invocation."""
-    c = ["--config", cfg]
-    worst = ["--beta", "worst", "--xi", "1.0"]
-    run("split", *c)
-    run("train-expert", *c)
-    run("export-logits", *c)
-    run("calibrate", *c)
-    run("train-gate", *c, "--beta", "balanced")
-    run("train-gate", *c, *worst)
-    run("eval", *c, "--gate", run("train-gate", *c, "--beta", "balanced", "--print-key"))
-    run("eval", *c, "--gate", run("train-gate", *c, *worst, "--print-key"))
-    run("baselines", *c)
-    eb = run("eval", *c, "--gate", run("train-gate", *c, "--beta", "balanced", "--print-key"),
-             "--print-key")  # fmt: skip
-    ew = run("eval", *c, "--gate", run("train-gate", *c, *worst, "--print-key"), "--print-key")
-    bk = run("baselines", *c, "--print-key")
-    run("report", *c, "--out", out_dir, "--eval", eb, "--eval", ew, "--baselines", bk)
+def _print_key(env: dict, *args: str) -> str:
+    """``argse ARGS --print-key`` (SystemExit on failure)."""
+    p = subprocess.run([*argse_cmd(), *args, "--print-key"], env=env, cwd=ROOT,
+                       capture_output=True, text=True, timeout=600)  # fmt: skip
+    if p.returncode != 0:
+        raise SystemExit(f"argse {' '.join(args)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return p.stdout.strip()
 
 
 def completed_demo_key(env: dict) -> str | None:
@@ -95,29 +66,35 @@ def completed_demo_key(env: dict) -> str | None:
     store = env.get("ARGSE_STORE")
     if not store or not Path(store).is_dir():
         return None
-    run = Runner(env, ROOT)
     c = ["--config", str(DEMO)]
     worst = ["--beta", "worst", "--xi", "1.0"]
     try:
-        eb = run("eval", *c, "--gate", run("train-gate", *c, "--beta", "balanced", "--print-key"),
-                 "--print-key")  # fmt: skip
-        ew = run("eval", *c, "--gate", run("train-gate", *c, *worst, "--print-key"), "--print-key")
-        bk = run("baselines", *c, "--print-key")
-        key = run("report", *c, "--eval", eb, "--eval", ew, "--baselines", bk, "--print-key")
+        eb = _print_key(env, "eval", *c, "--gate", _print_key(env, "train-gate", *c, "--beta", "balanced"))
+        ew = _print_key(env, "eval", *c, "--gate", _print_key(env, "train-gate", *c, *worst))
+        bk = _print_key(env, "baselines", *c)
+        key = _print_key(env, "report", *c, "--eval", eb, "--eval", ew, "--baselines", bk)
     except SystemExit:
         return None
     return key if Store(store).exists("report", key) else None
 
 
-def _timed(run: Runner, cfg: str, out_dir: str) -> float:
+STAGE_LINE = re.compile(r"^(cached|wrote) [0-9a-f]{32}\b", re.M)
+
+
+def make_demo(env: dict, **make_vars: str) -> tuple[float, list[str]]:
+    """Time ``make demo`` with this interpreter's venv; returns (seconds, per-stage result lines
+    'cached KEY' / 'wrote KEY'). The venv's install stamp is never remade (``-o``)."""
+    venv = Path(sys.prefix)
+    if not (venv / "bin" / "argse").is_file():
+        raise SystemExit(f"no argse in {venv / 'bin'}: run from the project's venv (make install)")
+    cmd = ["make", "-s", "--no-print-directory", "-o", f"{venv}/.installed", "demo",
+           f"VENV={venv}", *(f"{k}={v}" for k, v in make_vars.items())]  # fmt: skip
     t0 = time.perf_counter()
-    demo_sequence(run, cfg, out_dir)
-    return time.perf_counter() - t0
-
-
-def _all_cached(outputs: list) -> list[str]:
-    """Invocations whose output does not say 'cached'."""
-    return [stage for stage, text in outputs if "cached" not in text]
+    p = subprocess.run(cmd, cwd=ROOT, env=env, capture_output=True, text=True, timeout=7200)
+    dt = time.perf_counter() - t0
+    if p.returncode != 0:
+        raise SystemExit(f"{' '.join(cmd)} failed ({p.returncode}):\n{p.stderr[-3000:]}")
+    return dt, [m.group(0) for m in STAGE_LINE.finditer(p.stdout + p.stderr)]
 
 
 def main() -> None:
@@ -133,10 +110,10 @@ def main() -> None:
         mode = "demo-store" if key else "synthetic"
 
     if mode == "demo-store":
-        run = Runner(env, ROOT)
-        value = _timed(run, str(DEMO), "reports/demo")
+        store = env["ARGSE_STORE"]
+        value, lines = make_demo(env, STORE=store, DATA=env.get("ARGSE_DATA", "data"))
         reference, ref_kind = None, "none (the demo's first run was not timed here)"
-        where = env["ARGSE_STORE"]
+        where = store
     else:
         import yaml
 
@@ -150,18 +127,17 @@ def main() -> None:
             cfg = tmp / "demo_tiny.yaml"
             cfg.write_text(yaml.safe_dump(doc))
             write_synthetic_cifar10(tmp / "data", n_train_per_class=60, n_test_per_class=40, seed=1)
-            env = {**env, "ARGSE_STORE": str(tmp / "store"), "ARGSE_DATA": str(tmp / "data")}
-            cold = Runner(env, tmp)
-            reference = _timed(cold, str(cfg), str(tmp / "reports"))
-            run = Runner(env, tmp)
-            value = _timed(run, str(cfg), str(tmp / "reports"))
+            dirs = {"DEMO_CFG": str(cfg), "STORE": str(tmp / "store"), "DATA": str(tmp / "data"),
+                    "DEMO_OUT": str(tmp / "reports"), "DEMO_IMPORT": str(tmp / "import")}  # fmt: skip
+            reference, _ = make_demo(env, **dirs)
+            value, lines = make_demo(env, **dirs)
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
-        ref_kind = "cold first run of the same sequence"
+        ref_kind = "cold first run of the same target"
         where = (
             "temp store, synthetic CIFAR-10 (60/class train, 40/class test), demo.yaml + tiny sizes"
         )
-    missed = _all_cached(run.outputs)
+    missed = [ln for ln in lines if not ln.startswith("cached")]
     print(
         json.dumps(
             {
@@ -175,8 +151,7 @@ def main() -> None:
                 "mode": mode,
                 "store": where,
                 "reference_kind": ref_kind,
-                "invocations": run.calls,
-                "per_invocation_s": round(value / run.calls, 3),
+                "stage_runs": len(lines),
                 "all_cached": not missed,
                 "not_cached": missed,
             }

@@ -155,7 +155,7 @@ def _fmt(v) -> str:
 
 
 EXTRA_KEYS = ("rows", "mode", "data", "pass", "max_resident_rows", "resident_bound_rows",
-              "malloc", "fit_s", "all_cached", "invocations", "bal_acc_fused",
+              "malloc", "fit_s", "all_cached", "stage_runs", "bal_acc_fused",
               "bal_acc_sequential", "epochs", "n_train")  # fmt: skip
 
 

@@ -12,11 +12,13 @@ from __future__ import annotations
 
 import json
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
 import pytest
 import torch
+import yaml
 
 from argse_cli.config import (
     HELDOUT_SPLITS,
@@ -33,6 +35,9 @@ from argse_cli.readers import open_logits
 from argse_cli.stages import import_logits as imp
 from argse_cli.stages import run_stage
 from argse_cli.store import Store
+
+sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
+from export_to_files import write_files  # noqa: E402
 
 torch.set_num_threads(1)
 
@@ -550,40 +555,13 @@ def test_round_trip_of_an_export_matches_the_native_path(tmp_path, monkeypatch):
     store = Store(tmp_path / "s")
     C, n, seed, cr = 10, 400, 5, 64
     ekey, own = _fake_export(store, C, n, seed, cr)
-    d = tmp_path / "src"
-    d.mkdir()
     exp = store.open("export-logits", ekey)
-    (d / "counts.csv").write_text(
-        "".join(f"{c},{v}\n" for c, v in enumerate(exp.array("class_counts")))
-    )
-    np.save(d / "c2g.npy", exp.array("class_to_group"))
-    experts = []
-    for s in HELDOUT_SPLITS:  # the split's own order, recovered from the export's row_order
-        ro, L, y = exp.array(f"{s}/row_order"), exp.array(f"{s}/logits"), exp.array(f"{s}/labels")
-        src_y = np.empty_like(y)
-        src_y[ro] = y
-        assert np.array_equal(src_y, own[s][1])
-        np.save(d / f"y_{s}.npy", src_y)
-        for e in range(3):
-            src = np.empty_like(L[:, e])
-            src[ro] = L[:, e]
-            np.save(d / f"e{e}_{s}.npy", src)
-    for e, loss in enumerate(("ce", "balsoftmax", "logitadjust:2")):
-        experts.append(
-            ExpertSource(
-                name=f"e{e}",
-                loss=loss,
-                logits={s: str(d / f"e{e}_{s}.npy") for s in HELDOUT_SPLITS},
-            )
-        )
-    cfg = ImportLogitsConfig(
-        experts=experts,
-        labels={s: str(d / f"y_{s}.npy") for s in HELDOUT_SPLITS},
-        class_counts=str(d / "counts.csv"),
-        class_to_group=str(d / "c2g.npy"),
-        chunk_rows=cr,
-        seed=seed,
-    )
+    # scripts/export_to_files.py (what `make demo` runs): each split in its own order, plain .npy
+    pipeline = write_files(exp, tmp_path / "src")
+    for s in HELDOUT_SPLITS:  # the export's row permutation was undone
+        assert np.array_equal(np.load(tmp_path / "src" / f"labels_{s}.npy"), own[s][1])
+    cfg = ImportLogitsConfig(**yaml.safe_load(pipeline.read_text())["import_logits"])
+    assert cfg.seed == seed and cfg.chunk_rows == cr
     ikey = imp.run(cfg, store, quiet=True)
     art = store.open("import-logits", ikey)
     for s in HELDOUT_SPLITS:
