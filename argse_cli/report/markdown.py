@@ -82,7 +82,7 @@ def _comparisons(report_art: Any, view: str) -> list[str]:
             if r["method"] in ("U-PI", "SB-PI") and r["method"] not in arrays:
                 arrays[r["method"]] = {"score": b.array(f"m/{r['slug']}/score"), "pred": b.array(f"m/{r['slug']}/pred"),
                                        **shared, "c2g": b.array("class_to_group")}
-    lines = []
+    rows = []
     w = "w_lt" if view == "lt" else "w_bal"
     for a_name in ("AR-GSE (balanced)", "AR-GSE (worst)"):
         if a_name not in arrays:
@@ -96,11 +96,41 @@ def _comparisons(report_art: Any, view: str) -> list[str]:
                                       (B["score"], B["pred"], B["y"], B["c2g"], B[w]), n_boot=1000, seed=0, view=view)
             for stat in ("aurc_balanced", "aurc_worst"):
                 s = d["stats"][stat]
-                verdict = (f"{a_name} beats {b_name}" if s["hi"] < 0 else
-                           f"{b_name} beats {a_name}" if s["lo"] > 0 else f"no significant difference ({a_name} vs {b_name})")
-                lines.append(f"- {stat} ({VIEW_NAME[view]}): {a_name} − {b_name} = {s['diff']:+.4f}, "
-                             f"95% CI [{s['lo']:+.4f}, {s['hi']:+.4f}] → {verdict}")
-    return lines
+                outcome = "win" if s["hi"] < 0 else "loss" if s["lo"] > 0 else "tie"
+                rows.append({"stat": stat, "view": view, "a": a_name, "b": b_name, "outcome": outcome,
+                             "diff": s["diff"], "lo": s["lo"], "hi": s["hi"]})
+    return rows
+
+
+def _comparison_line(r: dict) -> str:
+    a, b = r["a"], r["b"]
+    verdict = {"win": f"{a} beats {b}", "loss": f"{b} beats {a}"}.get(
+        r["outcome"], f"no significant difference ({a} vs {b})")
+    return (f"- {r['stat']} ({VIEW_NAME[r['view']]}): {a} − {b} = {r['diff']:+.4f}, "
+            f"95% CI [{r['lo']:+.4f}, {r['hi']:+.4f}] → {verdict}")
+
+
+def _verdict(rows: list[dict]) -> list[str]:
+    """One paragraph counting the paired comparisons; 'AR-GSE beats U-PI and SB-PI' is claimed for a
+    (metric, view) only when one AR-GSE variant's CI of the difference excludes 0 against both."""
+    def name(r: dict) -> str:
+        return f"{r['a']} vs {r['b']}, {r['stat']}, {VIEW_NAME[r['view']]}"
+
+    wins = [r for r in rows if r["outcome"] == "win"]
+    losses = [r for r in rows if r["outcome"] == "loss"]
+    both = sorted({(r["a"], r["stat"], r["view"]) for r in wins
+                   if {w["b"] for w in wins if (w["a"], w["stat"], w["view"]) == (r["a"], r["stat"], r["view"])}
+                   >= {"U-PI", "SB-PI"}})
+    text = (f"**Verdict.** Of {len(rows)} paired comparisons (AURC differences, 95% paired-bootstrap CI), "
+            f"AR-GSE is significantly better in {len(wins)}" + (f" ({'; '.join(map(name, wins))})" if wins else "")
+            + f", significantly worse in {len(losses)}" + (f" ({'; '.join(map(name, losses))})" if losses else "")
+            + f", and not significantly different in {len(rows) - len(wins) - len(losses)}. ")
+    if both:
+        text += "AR-GSE beats both U-PI and SB-PI for: " + "; ".join(
+            f"{a}, {stat}, {VIEW_NAME[v]}" for a, stat, v in both) + "."
+    else:
+        text += "**AR-GSE does not beat U-PI and SB-PI on this data** (no metric and view where one AR-GSE variant is significantly better than both)."
+    return [text]
 
 
 def render(report_art: Any, protocol: dict | None, command: str) -> str:
@@ -147,10 +177,13 @@ def render(report_art: Any, protocol: dict | None, command: str) -> str:
         out += [f"## {title}", ""]
         out += _table(tab, boot, view, ("aurc_balanced", "aurc_worst") if key.startswith("main") else ())
         out.append("")
+    rows = {view: _comparisons(report_art, view) for view in ("lt", "bal")}
+    if any(rows.values()):
+        out += ["## Does AR-GSE beat U-PI and SB-PI?", "", *_verdict(rows["lt"] + rows["bal"]), ""]
     for view in ("lt", "bal"):
-        lines = _comparisons(report_art, view)
-        if lines:
-            out += [f"## AR-GSE against U-PI and SB-PI ({VIEW_NAME[view]}; paired bootstrap, first seed)", "", *lines, ""]
+        if rows[view]:
+            out += [f"## AR-GSE against U-PI and SB-PI ({VIEW_NAME[view]}; paired bootstrap, first seed)", "",
+                    *map(_comparison_line, rows[view]), ""]
     return "\n".join(out) + "\n"
 
 

@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE = "report"
-VERSION = 4
+VERSION = 5
 CODE = ("stages/report.py", "report/*.py")
 
 N_BOOT = 1000
