@@ -56,16 +56,7 @@ STAGE_ORDER = (
     "baselines",
     "report",
 )
-StageName = Literal[
-    "split",
-    "train-expert",
-    "export-logits",
-    "calibrate",
-    "train-gate",
-    "eval",
-    "baselines",
-    "report",
-]
+StageName = Literal[STAGE_ORDER]  # the same names, as a validated type
 
 
 # ------------------------------------------------------------------------------ the grid

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from test_import_logits import write_logits
 
 from argse_cli.apply import apply_files, load_rejector
 from argse_cli.config import (
@@ -35,39 +36,8 @@ torch.set_num_threads(1)
 
 C, E, N = 1000, 4, 2000
 LOSSES = ("ce", "balsoftmax", "logitadjust:2", "logitadjust:0.5")
-FORMATS = ("npy", "npz", "npzc", "safetensors", "zarr", "pt", "npy16")
-
-
-def _write(f: np.ndarray, base: Path, fmt: str) -> str:
-    import zarr
-    from safetensors.numpy import save_file
-
-    if fmt == "npy":
-        np.save(base.with_suffix(".npy"), f)
-        return str(base.with_suffix(".npy"))
-    if fmt == "npy16":
-        np.save(base.with_suffix(".npy"), f.astype(np.float16))
-        return str(base.with_suffix(".npy"))
-    if fmt == "npz":
-        np.savez(base.with_suffix(".npz"), logits=f)
-        return f"{base.with_suffix('.npz')}:logits"
-    if fmt == "npzc":
-        np.savez_compressed(base.with_suffix(".npz"), logits=f)
-        return f"{base.with_suffix('.npz')}:logits"
-    if fmt == "safetensors":
-        save_file({"logits": f}, str(base.with_suffix(".safetensors")))
-        return str(base.with_suffix(".safetensors"))
-    if fmt == "zarr":
-        z = zarr.create_array(
-            store=str(base.with_suffix(".zarr")),
-            shape=f.shape,
-            dtype=f.dtype,
-            chunks=(256, f.shape[1]),
-        )
-        z[:] = f
-        return str(base.with_suffix(".zarr"))
-    torch.save(torch.from_numpy(f), base.with_suffix(".pt"))
-    return str(base.with_suffix(".pt"))
+# a format per (expert, split); the writer is the import tests' (keyed .pt / .safetensors, fp16 npz ...)
+FORMATS = ("npy", "npz", "npzc", "st", "zarr", "pt", "npy16")
 
 
 @pytest.fixture(scope="module")
@@ -89,7 +59,7 @@ def e2e(tmp_path_factory):
             f = rng.standard_normal((N, C)).astype(np.float32)
             f[np.arange(N), y] += rng.uniform(0, 14, N).astype(np.float32) * (0.7 + 0.1 * e)
             f += np.float32(0.5 * (1 - tau)) * log_pi[None]
-            specs[(e, s)] = _write(f, d / f"f{e}_{s}", FORMATS[(e + 4 * si) % len(FORMATS)])
+            specs[(e, s)] = write_logits(f, d / f"f{e}_{s}", FORMATS[(e + 4 * si) % len(FORMATS)])
     cfg = ImportLogitsConfig(
         experts=[
             ExpertSource(

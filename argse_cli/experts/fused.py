@@ -50,6 +50,7 @@ from argse_cli.experts.trainer import (
     TrainRecipe,
     _to_nchw_u8,
     class_balanced_indices,
+    deterministic_on_cpu,
     lr_at,
     make_optimizer,
     normalize,
@@ -132,13 +133,7 @@ def train_experts_fused(
         raise ValueError(f"labels must lie in [0, {C}) (C = len(log_pi))")
     taus = torch.tensor([train_tau(s) for s in specs], dtype=torch.float32, device=dev)
 
-    det_prev = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    if not cuda:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic_on_cpu(cuda):
         models = []
         for s in seeds:
             torch.manual_seed(s)
@@ -232,8 +227,6 @@ def train_experts_fused(
                     "time_s": dt,
                 }
                 progress(epoch + 1, recipe.epochs, rec)
-    finally:
-        torch.use_deterministic_algorithms(det_prev[0], warn_only=det_prev[1])
     if histories is not None:
         histories.clear()
         histories.extend(hist)

@@ -16,7 +16,8 @@ from __future__ import annotations
 import math
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from typing import Any
 
@@ -90,6 +91,22 @@ class TrainRecipe:
     @property
     def peak_lr(self) -> float:
         return self.lr * self.batch_size / 128.0
+
+
+@contextmanager
+def deterministic_on_cpu(cuda: bool) -> Iterator[None]:
+    """On CPU, torch's deterministic algorithms (warn-only) for the block; the previous setting is
+    restored afterwards. On CUDA the setting is left as it is."""
+    prev = (
+        torch.are_deterministic_algorithms_enabled(),
+        torch.is_deterministic_algorithms_warn_only_enabled(),
+    )
+    if not cuda:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+    try:
+        yield
+    finally:
+        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -193,13 +210,7 @@ def train_expert(
     if y_np.min() < 0 or y_np.max() >= C:
         raise ValueError(f"labels must lie in [0, {C}) (C = len(log_pi))")
 
-    det_prev = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    if not cuda:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
+    with deterministic_on_cpu(cuda):
         torch.manual_seed(recipe.seed)
         model = cifar_resnet(recipe.depth, C)
         if init_state is not None:
@@ -288,8 +299,6 @@ def train_expert(
             history.append(rec)
             if progress is not None:
                 progress(epoch + 1, recipe.epochs, rec)
-    finally:
-        torch.use_deterministic_algorithms(det_prev[0], warn_only=det_prev[1])
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)

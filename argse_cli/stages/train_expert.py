@@ -11,7 +11,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "train-expert"
-VERSION = 3
+VERSION = 4
 CODE = (
     "stages/train_expert.py", "experts/trainer.py", "experts/losses.py", "experts/augment.py",
     "nn/resnet.py",
