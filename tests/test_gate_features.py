@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 import torch
 
-from argse_cli.nn.gate import (
+from argse_cli.core.gate import (
     FEATURES_PER_EXPERT,
     GatingNet,
     build_gating_features,

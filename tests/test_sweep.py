@@ -41,7 +41,7 @@ PIPE = {
         "decoupled_epochs": 1,
     },
     "export_logits": {"chunk_rows": 64, "device": "cpu"},
-    "train_gate": {"epochs": 3, "tau_warmup_epochs": 1, "patience": 2, "batch_size": 64},
+    "train_gate": {"epochs": 3, "patience": 2, "batch_size": 64},
     "eval": {"n_boot": 10},
     "baselines": {"n_boot": 0, "gate_epochs": 2, "T": 2},
     "report": {"formats": ["png"]},
