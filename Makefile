@@ -11,7 +11,7 @@ DOWNLOAD ?= 0
 export ARGSE_DATA := $(DATA)
 export ARGSE_STORE := $(STORE)
 
-.PHONY: install data demo test test-all lint schemas digests bench reproduce results-c100lt clean
+.PHONY: install data demo test test-all lint schemas digests bench reproduce results-c100lt results-c10lt clean
 
 install: $(VENV)/.installed
 
@@ -107,6 +107,10 @@ $(C100)/protocol.json: argse_cli/data/c100lt.py
 
 results-c100lt: install $(C100)/protocol.json
 	ARGSE=$(ARGSE) PY=$(PY) C100=$(C100) SEEDS="$(SEEDS)" bash scripts/results_c100lt.sh
+
+# CIFAR-10-LT from experts trained here on the CPU (configs/cifar10lt-cpu.yaml; ~1-1.5 h on 2 cores).
+results-c10lt: install data
+	ARGSE=$(ARGSE) PY=$(PY) bash scripts/results_c10lt.sh
 
 clean:
 	rm -rf $(STORE) reports

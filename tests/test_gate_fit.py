@@ -148,13 +148,34 @@ class _NaNAtEpoch:
             yield p, y, w
 
 
-@pytest.mark.parametrize("loss", ["nll", "selective"])
-def test_nan_posteriors_raise_gate_diverged(loss):
+def test_nan_posteriors_raise_gate_diverged():
+    """The selective recipe reads the posteriors every epoch: NaN from epoch 2 on names epoch 2."""
     post, y = make_two_expert_problem(300, 0)
-    c = cfg(epochs=5, hidden=(8,), gate_loss=loss)
+    c = cfg(epochs=5, hidden=(8,), gate_loss="selective")
     with pytest.raises(GateDiverged) as info:
         train_gate(_NaNAtEpoch(InMemorySource(post, y, None, 128, 0), bad=2), (post[:100], y[:100], None), G4, c)
     assert info.value.epoch == 2 and "epoch 2" in str(info.value) and info.value.last_finite["epoch"] == 1
+
+
+def test_nll_recipe_refuses_non_finite_training_rows_before_any_epoch():
+    """The NLL recipe reads every training row once (its cache): a NaN row is named before training."""
+    from argse_cli.errors import ArgseError
+
+    post, y = make_two_expert_problem(300, 0)
+    post[137, 1, 2] = np.nan
+    with pytest.raises(ArgseError, match="training row 137 has non-finite"):
+        train_gate(InMemorySource(post, y, None, 128, 0), (post[:100], y[:100], None), G4, cfg(epochs=2, hidden=(8,)))
+
+
+def test_nll_from_the_label_column_equals_the_full_mixture_nll():
+    from argse_cli.core.gate_fit import _nll_of
+
+    post, y = make_two_expert_problem(64, 3)
+    p = torch.from_numpy(post)
+    gw = torch.softmax(torch.randn(64, 2), -1)
+    full = nll_loss(torch.einsum("be,bec->bc", gw, p), torch.from_numpy(y), torch.ones(64))
+    col = _nll_of(gw, p[torch.arange(64), :, torch.from_numpy(y)], torch.ones(64))
+    assert float(full) == pytest.approx(float(col), rel=1e-6)
 
 
 def test_huge_learning_rate_diverges_or_stays_finite():

@@ -189,12 +189,73 @@ class InMemorySource:
     def n_rows(self) -> int:
         return int(self.post.shape[0])
 
+    def iter_rows(self) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
+        """(post, y, w) in the stored order, in blocks of 4096 rows."""
+        for i in range(0, self.n_rows, 4096):
+            yield self.post[i : i + 4096], self.y[i : i + 4096], self.w[i : i + 4096]
+
     def iter_epoch(self, epoch: int) -> Iterator[tuple[torch.Tensor, torch.Tensor, torch.Tensor]]:
         gen = torch.Generator().manual_seed(self.seed * 1_000_003 + int(epoch))
         perm = torch.randperm(self.post.shape[0], generator=gen)
         for i in range(0, len(perm), self.batch_size):
             idx = perm[i : i + self.batch_size]
             yield self.post[idx], self.y[idx], self.w[idx]
+
+
+class NLLCache:
+    """What the NLL objective needs of each training row, computed in ONE pass over the rows: the
+    gate features (they do not depend on the gate's parameters) and p_e(y | x) for the row's label
+    (the mixture's likelihood is eta_y = sum_e w_e(x) p_e(y | x)). Kept in temporary memory-mapped
+    files (file-backed pages: the resident memory stays flat in N); every epoch then reads them in
+    blocks of ``block_rows`` in a shuffled block order, rows shuffled within a block -- instead of
+    re-reading and re-calibrating the [N, E, C] posteriors.
+
+    ``source`` needs ``n_rows`` and ``iter_rows()`` (post, y, w) in the stored order."""
+
+    def __init__(self, source: Any, block_rows: int = 4096):
+        import tempfile
+
+        self.n = int(source.n_rows)
+        self.block_rows = int(block_rows)
+        self._dir = tempfile.TemporaryDirectory(prefix="argse-nll-")
+        at = 0
+        self.feats = self.py = None
+        for post, y, w in source.iter_rows():
+            post = post.float()
+            if not bool(torch.isfinite(post).all()):
+                bad = at + int(torch.nonzero(~torch.isfinite(post).reshape(len(post), -1).all(1))[0])
+                raise ArgseError("train-gate", f"training row {bad} has non-finite expert posteriors",
+                                 "recompute the export / check the experts' logits for NaN or inf")
+            f = build_gating_features(post)
+            py = post[torch.arange(len(y)), :, y.long()]
+            if self.feats is None:
+                self.feats = self._mm("feats", np.float32, (self.n, f.shape[1]))
+                self.py = self._mm("py", np.float32, (self.n, py.shape[1]))
+                self.w = self._mm("w", np.float32, (self.n,))
+            b = len(y)
+            self.feats[at : at + b], self.py[at : at + b] = f.numpy(), py.numpy()
+            self.w[at : at + b] = w.numpy()
+            at += b
+        if at != self.n or self.feats is None:
+            raise ValueError(f"the training source yielded {at} rows, not {self.n}")
+
+    def _mm(self, name: str, dtype: Any, shape: tuple) -> np.ndarray:
+        return np.lib.format.open_memmap(f"{self._dir.name}/{name}.npy", mode="w+", dtype=dtype, shape=shape)
+
+    def iter_epoch(self, epoch: int, batch_size: int, seed: int):
+        """(features, p_y, w) batches: blocks in a shuffled order, rows shuffled within a block."""
+        rng = np.random.default_rng([seed, epoch])
+        starts = np.arange(0, self.n, self.block_rows)
+        for a in starts[rng.permutation(len(starts))]:
+            b = min(self.n, a + self.block_rows)
+            blk = [torch.from_numpy(np.array(x[a:b])) for x in (self.feats, self.py, self.w)]
+            perm = torch.from_numpy(rng.permutation(b - a))
+            for i in range(0, b - a, batch_size):
+                idx = perm[i : i + batch_size]
+                yield tuple(t[idx] for t in blk)
+
+    def close(self) -> None:
+        self._dir.cleanup()
 
 
 # --------------------------------------------------------------------------------- the model
@@ -346,16 +407,20 @@ def _train_nll(source: BatchSource, model: GateModel, val: tuple, cfg: Any, prog
                dev: torch.device) -> GateFit:
     opt = torch.optim.Adam(model.gate.parameters(), lr=cfg.lr_gate)
     last: dict[str, Any] = {"epoch": None}
+    cache = NLLCache(source)
+    post_val, y_val, w_val = val
+    feats_val = build_gating_features(post_val)
+    py_val = post_val[torch.arange(len(y_val)), :, torch.from_numpy(y_val)]
+    w_val_t = torch.from_numpy(np.asarray(w_val)).float()
 
     def step_epoch(epoch: int) -> dict:
         nonlocal last
         model.gate.train()
         tot, n = 0.0, 0
-        for post, y, w in source.iter_epoch(epoch):
-            post, y, w = post.to(dev).float(), y.to(dev).long(), w.to(dev).float()
-            soft = model.gate(build_gating_features(post))
+        for f, py, w in cache.iter_epoch(epoch, cfg.batch_size, cfg.seed or 0):
+            soft = model.gate(f.to(dev))
             gw = straight_through_top1(soft) if model.hard else soft
-            loss = nll_loss(mixture_posterior(gw, post), y, w) + cfg.lambda_ent * _routing_entropy(soft)
+            loss = _nll_of(gw, py.to(dev), w.to(dev)) + cfg.lambda_ent * _routing_entropy(soft)
             opt.zero_grad(set_to_none=True)
             loss.backward()
             opt.step()
@@ -366,11 +431,26 @@ def _train_nll(source: BatchSource, model: GateModel, val: tuple, cfg: Any, prog
             raise ValueError(f"the training source yielded no batch at epoch {epoch}")
         return {"loss": tot / n}
 
-    state, ep, hist, stopped, _ = _run(
-        model, cfg, cfg.epochs, step_epoch,
-        lambda e: _val_criterion(model, val[0], val[1], val[2], cfg, None, None), progress)
+    def evaluate(epoch: int) -> tuple[float, dict]:
+        model.gate.eval()
+        with torch.no_grad():
+            soft = model.gate(feats_val)
+            gw = straight_through_top1(soft) if model.hard else soft
+            return float(_nll_of(gw, py_val, w_val_t)), {}
+
+    try:
+        state, ep, hist, stopped, _ = _run(model, cfg, cfg.epochs, step_epoch, evaluate, progress)
+    finally:
+        cache.close()
     return GateFit(state, model.gate.in_dim, model.num_experts, ep, "val_small NLL (w_lt)", hist,
                    stopped, None, model)
+
+
+def _nll_of(gw: torch.Tensor, py: torch.Tensor, w: torch.Tensor) -> torch.Tensor:
+    """sum_i w_i (-log eta_{y_i}) / sum_i w_i with eta_y = sum_e w_e p_e(y | x) (eta clamped at 1e-12):
+    :func:`nll_loss` computed from the label's column only."""
+    wn = w.float() / w.float().sum().clamp_min(1e-30)
+    return -(wn * (gw * py).sum(-1).clamp_min(_CE_EPS).log()).sum()
 
 
 def _train_selective(source: BatchSource, model: GateModel, val: tuple, g_np: np.ndarray, cfg: Any,
