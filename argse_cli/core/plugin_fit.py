@@ -69,7 +69,6 @@ __all__ = [
     "coverage_cut",
     "curve_scores",
     "eg_step",
-    "fit_at_cost",
     "fit_at_coverage",
     "fit_curve",
     "fit_worst_curve",
@@ -633,14 +632,6 @@ def cost_operating_point(curve: PluginCurve, c: float) -> int:
 def fit_at_coverage(fit: Split, sel: Split, q: float, beta: Any = None, spec: SearchSpec = SEARCH) -> PluginRule:
     """The Algorithm 1 rule at one coverage (the curve's row for that coverage)."""
     return fit_curve(fit, sel, [q], beta=beta, spec=spec).rule(0)
-
-
-def fit_at_cost(fit: Split, sel: Split, c: float, beta: Any = None, coverages: Any = None,
-                spec: SearchSpec = SEARCH) -> tuple[PluginRule, float, PluginCurve]:
-    """Cost-matched Algorithm 1: (rule at q*(c), q*(c), the curve it was read from)."""
-    curve = fit_curve(fit, sel, coverages, beta=beta, spec=spec)
-    i = cost_operating_point(curve, c)
-    return curve.rule(i), float(curve.coverages[i]), curve
 
 
 def with_spec(**kw: Any) -> SearchSpec:

@@ -9,7 +9,6 @@ module level, so computing a key and answering ``cached`` never imports torch or
 from __future__ import annotations
 
 import importlib
-import sys
 from types import ModuleType
 from typing import Any
 
@@ -104,6 +103,3 @@ def run_stage(
         say(f"cached {key}")
     return key, out.published
 
-
-def eprint(*a: Any) -> None:
-    print(*a, file=sys.stderr, flush=True)
