@@ -157,7 +157,7 @@ def _fmt(v) -> str:
 
 EXTRA_KEYS = ("rows", "mode", "data", "pass", "max_resident_rows", "resident_bound_rows",
               "malloc", "fit_s", "all_cached", "stage_runs", "bal_acc_fused",
-              "bal_acc_sequential", "epochs", "n_train")  # fmt: skip
+              "bal_acc_sequential", "epochs", "n_train", "gate_epoch_s", "floor_s")  # fmt: skip
 
 
 GPU_EXTRA_KEYS = ("status", "reason", "data", "precision", "channels_last", "compile", "epochs",
@@ -199,6 +199,18 @@ def gate_note(lines: list[dict]) -> list[str]:
         if d.get("name", "").startswith("gate_stream_peak_ratio_"):
             verdict = "within" if d.get("pass") else "NOT within"
             out.append(f"  `{d['name']}` = {d['value']} ({d.get('malloc')}): {verdict} 20%.")
+    floors = [d for d in lines if d.get("name", "").startswith("gate_stream_epoch_over_floor_")]
+    if floors:
+        out.append(
+            "  Floor = one pass that only reads the tuneV chunks and computes the experts' "
+            "calibrated softmax (the stage's own reading and `apply_calibration`); one gate epoch "
+            "streams tuneV twice (training pass + rule refit). Goal: epoch / floor <= 3."
+        )  # fmt: skip
+        for d in floors:
+            out.append(
+                f"  N = {d['rows']}: gate epoch {d['gate_epoch_s']} s / floor {d['floor_s']} s = "
+                f"{d['value']} ({'meets' if d.get('pass') else 'does NOT meet'} <= 3)."
+            )  # fmt: skip
     return out
 
 
