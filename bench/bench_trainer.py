@@ -37,7 +37,6 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 
 from _common import CIFAR10_BUILDER as BUILDER  # noqa: E402
 from _common import commit  # noqa: E402,F401  (bench_fused reads bt.commit)
-from reference_trainer import train_reference  # noqa: E402
 
 from argse_cli.data.cifar import load_cifar  # noqa: E402  (allow-list unpickler)
 from argse_cli.experts.trainer import TrainRecipe, predict_logits, train_expert  # noqa: E402
@@ -189,6 +188,8 @@ def main() -> None:
         ):  # fmt: skip
             print(json.dumps({**line, **common}), flush=True)
         return
+    from reference_trainer import train_reference  # torchvision: imported only when needed
+
     ref, h_ref = train_reference(xtr, ytr, "ce", recipe, log_pi, progress=log("reference"))
 
     def speed(h):

@@ -36,6 +36,7 @@ import math
 import os
 import re
 import shlex
+import shutil
 import signal
 import subprocess
 import sys
@@ -296,14 +297,18 @@ def run_command(tag: str, argv: list[str], timeout: float, env: dict, log: Log,
         text = so.read()
     if out_file is not None and out_file.is_file():
         text += "\n" + out_file.read_text()
-    lines = []
+    lines, seen = [], set()
     for ln in text.splitlines():
         ln = ln.strip()
         if ln.startswith("{"):
             try:
-                lines.append(json.loads(ln))
+                d = json.loads(ln)
             except json.JSONDecodeError:
-                pass
+                continue
+            key = json.dumps(d, sort_keys=True)
+            if key not in seen:  # a script printing its lines AND writing them to out_file
+                seen.add(key)
+                lines.append(d)
     if timed_out:
         got = (f"; reached epoch {last['epoch']}/{last['epochs']} at {last['at_s']} s "
                f"({last['img_per_s']:.0f} img/s)") if last else ""  # fmt: skip
@@ -319,7 +324,18 @@ def missing_names(lines: list[dict], expect: tuple[str, ...]) -> list[str]:
     return [e for e in expect if not any(n.startswith(e) for n in names)]
 
 
-def probe(env: dict) -> dict:
+def probe(env: dict, dry_run: bool = False) -> dict:
+    """torch version, CUDA, device name: from a subprocess that imports torch (GPU mode), or,
+    in the dry run (CPU only by definition), from the installed metadata without importing it."""
+    if dry_run:
+        from importlib.metadata import PackageNotFoundError, version
+
+        try:
+            tv = version("torch")
+        except PackageNotFoundError:
+            raise SetupError("probe", "torch is not installed", "use the project's venv") from None
+        return {"torch": tv, "cuda_available": False, "cuda": None, "device": "cpu",
+                "capability": None}  # fmt: skip
     code = ("import json, torch; c = torch.cuda.is_available(); print(json.dumps({"
             "'torch': torch.__version__, 'cuda_available': c, 'cuda': torch.version.cuda, "
             "'device': torch.cuda.get_device_name() if c else 'cpu', "
@@ -396,8 +412,13 @@ def main(argv: list[str] | None = None, parts: tuple[Part, ...] = PARTS, probe_f
         lines.append(("setup", {"name": "gpu_check_wheels", "unit": "wheels", "reference": None,
                                 "ratio": None, "wall_s": round(time.monotonic() - t0, 2), **wl}))  # fmt: skip
         # 2. probe
-        info = probe_fn(env)
+        info = probe_fn(env, a.dry_run)
         log(f"probe: {info}")
+        if not a.dry_run and shutil.which("nvidia-smi"):
+            q = "name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu"
+            smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"],
+                                 capture_output=True, text=True, timeout=30)  # fmt: skip
+            log(f"nvidia-smi: {(smi.stdout or smi.stderr).strip()}")
         if not a.dry_run and not info["cuda_available"]:
             raise SetupError("device", "CUDA is not available to torch "
                              f"{info['torch']}", "run on the GPU machine, or pass --dry-run")  # fmt: skip

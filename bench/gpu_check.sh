@@ -31,5 +31,4 @@ export PYTHONUNBUFFERED=1
 if [ -z "${ARGSE_SHARED:-}" ] && [ -f .carry/shared/data/cifar10/build_cifar10.py ]; then
   export ARGSE_SHARED="$PWD/.carry/shared"
 fi
-command -v nvidia-smi >/dev/null 2>&1 && nvidia-smi --query-gpu=name,driver_version,memory.total,clocks.sm --format=csv,noheader >&2
 exec "$PY" bench/gpu_check.py "$@"

@@ -167,7 +167,7 @@ def _alive(pid: int) -> bool:
         return False
 
 
-def fake_probe(env):
+def fake_probe(env, dry_run=False):
     return {"torch": "9.9-stub", "cuda_available": False, "cuda": None, "device": "cpu",
             "capability": None}  # fmt: skip
 
