@@ -56,7 +56,7 @@ DEVICE_PLATFORMS = (
     [f"manylinux_2_{m}_x86_64" for m in range(39, 16, -1)]
     + ["manylinux2014_x86_64", "manylinux2010_x86_64", "manylinux1_x86_64", "linux_x86_64"]
 )  # fmt: skip
-IMPORTS = ("zarr", "numcodecs", "pydantic", "pydantic_core", "xxhash", "typer", "yaml")
+IMPORTS = ("zarr", "numcodecs", "pydantic", "pydantic_core", "xxhash", "yaml")
 
 
 class PlanError(Exception):

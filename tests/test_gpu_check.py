@@ -222,6 +222,22 @@ def test_driver_statuses_timeouts_and_schema(tmp_path, capsys):
     assert printed == lines
 
 
+def test_driver_records_a_wheel_plan_failure_and_still_runs_the_parts(tmp_path):
+    wheels = tmp_path / "wheels"
+    make_wheel(wheels, "unrelated", "1.0")  # a folder that cannot serve zarr / pydantic
+    stub = tmp_path / "stub_ok.py"
+    stub.write_text(textwrap.dedent(STUB_OK))
+    parts = (gc.Part("ok", str(stub), (), (), 30, ("stub_speed",), "ok part"),)
+    rc = gc.main(["--dry-run", "--out", str(tmp_path / "out"), "--wheels", str(wheels)],
+                 parts=parts, probe_fn=fake_probe)  # fmt: skip
+    lines = [json.loads(x) for x in (tmp_path / "out" / "gpu_check.jsonl").read_text().splitlines()]
+    w = lines[0]
+    assert w["name"] == "gpu_check_wheels" and w["status"] == "failed"
+    assert "no wheel in" in w["reason"] and "-- fix:" in w["reason"]
+    assert [d["status"] for d in lines if d["name"] == "gpu_check_part_ok"] == ["ok"]
+    assert lines[-1]["parts"] == {"wheels": "failed", "ok": "ok"} and rc == 1
+
+
 def test_driver_gpu_mode_without_cuda_is_a_one_line_error(tmp_path, capsys):
     rc = gc.main(["--no-install", "--out", str(tmp_path)], parts=(), probe_fn=fake_probe)
     err = capsys.readouterr().err
