@@ -421,9 +421,12 @@ def main(argv: list[str] | None = None, parts: tuple[Part, ...] = PARTS, probe_f
         log(f"probe: {info}")
         if not a.dry_run and shutil.which("nvidia-smi"):
             q = "name,driver_version,memory.total,memory.used,clocks.sm,clocks.max.sm,temperature.gpu"
-            smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"],
-                                 capture_output=True, text=True, timeout=30)  # fmt: skip
-            log(f"nvidia-smi: {(smi.stdout or smi.stderr).strip()}")
+            try:
+                smi = subprocess.run(["nvidia-smi", f"--query-gpu={q}", "--format=csv"],
+                                     capture_output=True, text=True, timeout=30)  # fmt: skip
+                log(f"nvidia-smi: {(smi.stdout or smi.stderr).strip()}")
+            except (OSError, subprocess.SubprocessError) as e:
+                log(f"nvidia-smi: {e}")
         if not a.dry_run and not info["cuda_available"]:
             raise SetupError("device", "CUDA is not available to torch "
                              f"{info['torch']}", "run on the GPU machine, or pass --dry-run")  # fmt: skip
