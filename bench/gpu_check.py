@@ -72,6 +72,9 @@ class Part:
     optional: bool = False  # skipped (not failed) when the script is absent
     out_file: bool = False  # the script writes its lines to --out FILE
     dry_budget_s: float = 120.0
+    # (flag, args): args appended when the script's source mentions flag (a script being written)
+    gpu_if_offered: tuple[tuple[str, tuple[str, ...]], ...] = ()
+    dry_if_offered: tuple[tuple[str, tuple[str, ...]], ...] = ()
 
 
 DRY = ("--n-train", "128", "--n-test", "40", "--batch-size", "32", "--synthetic")  # dry-run sizes
@@ -101,10 +104,16 @@ PARTS: tuple[Part, ...] = (
     Part("shared", "bench/bench_shared.py",
          ("--device", "cuda", "--depth", "32", "--epochs", "15"),
          ("--device", "cpu", "--depth", "8", "--epochs", "1"),
-         90, ("",),
+         90, ("shared_",),
          "shared-backbone experts (one backbone, one head per loss) vs sequential models, "
-         "15 epochs, ResNet-32, CIFAR-10-LT IF 100",
-         optional=True, out_file=True),
+         "15 epochs, ResNet-32, CIFAR-10-LT IF 100, bf16 where offered",
+         optional=True, out_file=True,
+         gpu_if_offered=(("--n-train", ("--n-train", "12406")),
+                         ("--precision", ("--precision", "bf16"))),
+         dry_if_offered=(("--n-train", ("--n-train", "128")), ("--n-test", ("--n-test", "40")),
+                         ("--experts", ("--experts", "2")),
+                         ("--batch-size", ("--batch-size", "32")),
+                         ("--synthetic", ("--synthetic",)))),
     Part("expert200", "bench/bench_trainer.py",
          ("--device", "cuda", "--depth", "32", "--epochs", "200", "--n-train", "12406",
           "--n-test", "10000", "--precision", "bf16", "--channels-last", "--compile",
@@ -479,12 +488,12 @@ def main(argv: list[str] | None = None, parts: tuple[Part, ...] = PARTS, probe_f
             if part.out_file:
                 outfile = Path(tempfile.mkdtemp(prefix="gpu_check_")) / f"{part.id}.jsonl"
                 args += ["--out", str(outfile)]
-            if a.dry_run and part.optional:  # tiny sizes where the script offers them
+            offered = part.dry_if_offered if a.dry_run else part.gpu_if_offered
+            if offered:
                 src = script.read_text()
-                for flag, extra in (("--n-train", ["--n-train", "128"]),
-                                    ("--synthetic", ["--synthetic"])):  # fmt: skip
+                for flag, extra in offered:
                     if flag in src:
-                        args += extra
+                        args += list(extra)
             argv_ = [sys.executable, part.script, *args]
             log(f"{part.id}: start, budget {timeout:.0f} s: python {shlex.join(argv_[1:])}")
             r = run_command(part.id, argv_, timeout, env, log, outfile)
