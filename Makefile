@@ -11,7 +11,7 @@ DOWNLOAD ?= 0
 export ARGSE_DATA := $(DATA)
 export ARGSE_STORE := $(STORE)
 
-.PHONY: install data demo test test-all lint schemas digests bench reproduce results-c100lt results-c10lt clean
+.PHONY: install data demo test test-all lint schemas digests bench reproduce results-c100lt results-c10lt clean gpu-carry gpu-wheels gpu-check-dry
 
 install: $(VENV)/.installed
 
@@ -76,6 +76,23 @@ digests: install
 
 bench: install data
 	$(PY) bench/run_all.py
+
+# The GPU check (bench/gpu_check.sh): fill the git-ignored .carry/ that the device tool's `run` takes
+# along (carry=[".carry"]): the cp312 manylinux wheels the GPU machine lacks, pinned to this venv's
+# versions (bench/gpu_wheels.py; checked with pip's dry run), the offline CIFAR-10 builder and
+# archive, and the commit the code came from; fails when the tree + .carry exceed 64 MiB.
+gpu-carry gpu-wheels: install
+	$(PY) bench/gpu_wheels.py download --dest .carry/wheels
+	@f=$(SHARED)/data/cifar10/build_cifar10.py; test -f $$f || { \
+	  echo "error: SHARED: no $$f -- fix: make gpu-carry SHARED=/path/to/shared"; exit 2; }
+	mkdir -p .carry/shared/data/cifar10
+	install -m 0644 $(SHARED)/data/cifar10/build_cifar10.py $(SHARED)/data/cifar10/cifar10_offline.npz.xz \
+	  .carry/shared/data/cifar10/
+	$(PY) bench/gpu_wheels.py check --pip --wheels .carry/wheels
+	$(PY) bench/gpu_check.py --record-carry
+
+gpu-check-dry: install
+	PY=$(PY) bash bench/gpu_check.sh --dry-run
 
 REPRO := --config configs/cifar10lt.yaml
 reproduce: install data

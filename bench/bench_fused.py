@@ -77,7 +77,7 @@ def main() -> None:
         xtr, ytr, xte, yte = bt.load_cifar10(Path(a.data_dir))
         data = "cifar10-offline-LT100"
     else:
-        xtr, ytr, xte, yte = bt.synthetic(50000, 10000, a.seed)  # same class colours
+        xtr, ytr, xte, yte = bt.synthetic(*bt.synthetic_pool(a.n_train, a.n_test), a.seed)
         data = "synthetic-LT100"
     xtr, ytr = bt.long_tail(xtr, ytr, a.n_train, 100.0, a.seed)
     xte, yte = bt.balanced_test(xte, yte, a.n_test, a.seed)

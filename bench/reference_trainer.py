@@ -115,5 +115,5 @@ def train_reference(x_u8, y, loss_spec, recipe: TrainRecipe, log_pi, progress=No
         }
         history.append(rec)
         if progress is not None:
-            progress(epoch, recipe.epochs, rec)
+            progress(epoch + 1, recipe.epochs, rec)
     return model.eval(), history
