@@ -26,9 +26,9 @@ import numpy as np
 VIEWS = ("lt", "bal")
 WEIGHT_OF_VIEW = {"lt": "w_lt", "bal": "w_bal"}
 FIT_SPLIT, SELECT_SPLIT = "tuneV", "val_small"
-FIT_ROWS_MAX = 20_000
+FIT_ROWS_MAX = 10_000
 """The rule is fitted on at most this many tuneV rows (a larger tuneV is subsampled, class-stratified,
-seed 0): the fixed point estimates K P(accept, y in G_k), for which 2e4 rows give ~0.5% precision,
+seed 0): the fixed point estimates K P(accept, y in G_k), for which 1e4 rows give ~1% precision,
 and the fit's cost grows linearly with the rows."""
 PROTOCOL_TEXT = (
     "refit view: at each coverage 0.01..1.00 the rule is re-fitted on validation data (alpha's fixed "

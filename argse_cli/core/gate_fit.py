@@ -220,22 +220,23 @@ class NLLCache:
         self._dir = tempfile.TemporaryDirectory(prefix="argse-nll-")
         at = 0
         self.feats = self.py = None
-        for post, y, w in source.iter_rows():
-            post = post.float()
-            if not bool(torch.isfinite(post).all()):
-                bad = at + int(torch.nonzero(~torch.isfinite(post).reshape(len(post), -1).all(1))[0])
-                raise ArgseError("train-gate", f"training row {bad} has non-finite expert posteriors",
-                                 "recompute the export / check the experts' logits for NaN or inf")
-            f = build_gating_features(post)
-            py = post[torch.arange(len(y)), :, y.long()]
-            if self.feats is None:
-                self.feats = self._mm("feats", np.float32, (self.n, f.shape[1]))
-                self.py = self._mm("py", np.float32, (self.n, py.shape[1]))
-                self.w = self._mm("w", np.float32, (self.n,))
-            b = len(y)
-            self.feats[at : at + b], self.py[at : at + b] = f.numpy(), py.numpy()
-            self.w[at : at + b] = w.numpy()
-            at += b
+        for post_buf, y_buf, w_buf in source.iter_rows():
+            for i in range(0, len(y_buf), 1024):  # the features' temporaries stay 1024-row sized
+                post, y, w = post_buf[i : i + 1024].float(), y_buf[i : i + 1024], w_buf[i : i + 1024]
+                if not bool(torch.isfinite(post).all()):
+                    bad = at + int(torch.nonzero(~torch.isfinite(post).reshape(len(post), -1).all(1))[0])
+                    raise ArgseError("train-gate", f"training row {bad} has non-finite expert posteriors",
+                                     "recompute the export / check the experts' logits for NaN or inf")
+                f = build_gating_features(post)
+                py = post[torch.arange(len(y)), :, y.long()]
+                if self.feats is None:
+                    self.feats = self._mm("feats", np.float32, (self.n, f.shape[1]))
+                    self.py = self._mm("py", np.float32, (self.n, py.shape[1]))
+                    self.w = self._mm("w", np.float32, (self.n,))
+                b = len(y)
+                self.feats[at : at + b], self.py[at : at + b] = f.numpy(), py.numpy()
+                self.w[at : at + b] = w.numpy()
+                at += b
         if at != self.n or self.feats is None:
             raise ValueError(f"the training source yielded {at} rows, not {self.n}")
 
