@@ -14,9 +14,11 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Literal
+import types
+import typing
+from typing import Annotated, Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 RUNTIME_FIELDS = frozenset({"data_root", "download", "workers", "verbose", "store", "infer_batch_size"})
 
@@ -30,10 +32,77 @@ _LOSS_RE = re.compile(r"^(ce|balsoftmax|decoupled|logitadjust:(\d+(\.\d+)?))$")
 _GROUP_RE = re.compile(r"^(threshold:\d+|quantile:(0?\.\d+|1(\.0+)?)(,(0?\.\d+))*)$")
 
 
+SEED_MAX = 2**32  # numpy's SeedSequence-free legacy seeding and torch.manual_seed accept < 2**32
+INT_MAX = 2**63  # every integer field fits numpy's int64
+Seed = Annotated[int, Field(ge=0, lt=SEED_MAX)]
+Rate01 = Annotated[float, Field(gt=0, le=1)]  # a coverage level in (0, 1]
+
+
+def _scalar_kind(ann: Any) -> Any:
+    """'bool' / 'int' / 'float' / ('seq', kind) / None for a field annotation (Optional,
+    Annotated and Literal unwrapped); None: not a plain scalar field (str, dict, models)."""
+    origin = typing.get_origin(ann)
+    if origin is Annotated:
+        return _scalar_kind(typing.get_args(ann)[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_scalar_kind(a) for a in typing.get_args(ann) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin is Literal:
+        vals = typing.get_args(ann)
+        if all(isinstance(v, bool) for v in vals):
+            return "bool"
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            return "int"
+        return None
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(ann) if a is not Ellipsis]
+        kinds = {_scalar_kind(a) for a in args}
+        return ("seq", kinds.pop()) if len(kinds) == 1 and None not in kinds else None
+    return {bool: "bool", int: "int", float: "float"}.get(ann)
+
+
+def _check_kind(v: Any, kind: Any) -> None:
+    """Values are taken as typed (YAML and --set parse them): a boolean is not a number, a
+    string is not a number or a boolean, 2.0 is not an integer."""
+    if v is None or kind is None:
+        return
+    if isinstance(kind, tuple):
+        if isinstance(v, (list, tuple)):
+            for i, x in enumerate(v):
+                try:
+                    _check_kind(x, kind[1])
+                except ValueError as e:
+                    raise ValueError(f"item {i}: {e}") from None
+        return
+    name = {"bool": "a boolean (true / false)", "int": "an integer", "float": "a number"}[kind]
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise ValueError(f"must be {name}, not {type(v).__name__} {v!r:.40}")
+        return
+    if isinstance(v, bool):
+        raise ValueError(f"must be {name}, not a boolean ({v!r})")
+    if kind == "int":
+        if not isinstance(v, int):
+            raise ValueError(f"must be {name}, not {type(v).__name__} {v!r:.40}")
+        if not -INT_MAX <= v < INT_MAX:
+            raise ValueError(f"{v:.3g} is out of range (|value| < 2**63)")
+    elif not isinstance(v, (int, float)):
+        raise ValueError(f"must be {name}, not {type(v).__name__} {v!r:.40}")
+
+
 class StageConfig(BaseModel):
-    """Base of every stage config: frozen, unknown fields refused, NaN/inf refused."""
+    """Base of every stage config: frozen, unknown fields refused, NaN/inf refused, scalars
+    strictly typed (``epochs: true`` or ``lr: "0.1"`` are refused, never coerced)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, v: Any, info: ValidationInfo) -> Any:
+        f = cls.model_fields.get(info.field_name or "")
+        if f is not None:
+            _check_kind(v, _scalar_kind(f.annotation))
+        return v
 
     def key_payload(self) -> dict[str, Any]:
         """The config as it enters the cache key: JSON-mode dump minus runtime-only fields."""
@@ -53,7 +122,7 @@ class SplitConfig(StageConfig):
 
     dataset: Literal["cifar10", "cifar100"] = "cifar10"
     imbalance_factor: float = Field(100.0, ge=1.0, description="n_max / n_min of the LT profile (>= 1)")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_MAX)
     protocol: Literal["paper", "fractions"] = Field(
         "paper",
         description="paper: experts train on the whole LT subset, held-out splits partition the "
@@ -126,7 +195,7 @@ class TrainExpertConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_MAX)
     workers: int = Field(0, ge=0)
 
     @field_validator("loss")
@@ -147,7 +216,7 @@ class ExportLogitsConfig(StageConfig):
     """`argse export-logits`: every expert's raw logits on the held-out splits, fp16, row-chunked."""
 
     chunk_rows: int = Field(4096, ge=16)
-    seed: int = Field(0, ge=0, description="seed of the stored row order")
+    seed: int = Field(0, ge=0, lt=SEED_MAX, description="seed of the stored row order")
     include_train: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     infer_batch_size: int = Field(1024, ge=1)
@@ -191,23 +260,48 @@ class TrainGateConfig(StageConfig):
         "fixed_point", description="fixed_point: (alpha, mu) by Algorithm 1 each epoch; adam: learned")
     M: int = Field(10, ge=1, description="fixed-point iterations of the per-epoch rule refit")
     uniform_gate: bool = Field(False, description="freeze the gate at w = 1/E (ablation)")
-    hidden: tuple[int, ...] = (128, 64)
+    hidden: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = Field(
+        (128, 64), max_length=16, description="hidden layer widths of the gate (each >= 1)")
     dropout: float = Field(0.1, ge=0, lt=1)
     patience: int = Field(15, ge=1)
     view: Literal["lt", "bal"] = "lt"
-    experts: tuple[int, ...] | None = Field(None, description="subset of expert indices (ablation)")
+    experts: tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
+        None, min_length=1, description="subset of expert indices (ablation; distinct, each < E)")
     buffer_chunks: int = Field(4, ge=1, description="row chunks shuffled together when streaming")
-    seed: int = Field(42, ge=0)
+    seed: int = Field(42, ge=0, lt=SEED_MAX)
+
+    @field_validator("experts")
+    @classmethod
+    def _distinct(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and len(set(v)) != len(v):
+            raise ValueError(f"expert indices must be distinct, got {list(v)}")
+        return v
+
+    def check_experts(self, num_experts: int) -> None:
+        """``experts`` against the upstream's expert count E (known once the export is): every
+        index must be < E. One-line error (before any work) otherwise."""
+        from .errors import ArgseError
+
+        bad = [i for i in self.experts or () if i >= num_experts]
+        if bad:
+            raise ArgseError(
+                "train_gate.experts", f"index {bad[0]} is out of range: the export has "
+                f"{num_experts} experts (0..{num_experts - 1})",
+                f"pick distinct indices below {num_experts}",
+            )  # fmt: skip
 
 
 class EvalConfig(StageConfig):
     """`argse eval`: risk-coverage metrics of a gate on test, with bootstrap CIs."""
 
-    levels: tuple[float, ...] = (0.7, 0.8, 0.9)
-    n_boot: int = Field(1000, ge=0)
-    seed: int = Field(0, ge=0)
+    levels: tuple[Rate01, ...] = Field(
+        (0.7, 0.8, 0.9), min_length=1, max_length=1000, description="coverage levels in (0, 1]")
+    n_boot: int = Field(1000, ge=0, le=1_000_000)
+    seed: int = Field(0, ge=0, lt=SEED_MAX - 1, description="seed (seed + 1 is used too)")
     refit: bool = Field(True, description="also compute the refit view (alpha, mu refitted per coverage)")
-    refit_grid: tuple[float, ...] = (0.6, 0.7, 0.8, 0.9, 1.0)
+    refit_grid: tuple[Rate01, ...] = Field(
+        (0.6, 0.7, 0.8, 0.9, 1.0), min_length=1, max_length=1000,
+        description="coverages in (0, 1] of the refit view")
     target_risk: float | None = Field(None, gt=0, lt=1, description="risk-controlled thresholds on calib")
     delta: float = Field(0.1, gt=0, lt=1, description="failure probability of the risk guarantee")
     conformal_epsilon: float = Field(0.1, gt=0, lt=1, description="Mondrian bound P(accept | error, group)")
@@ -217,7 +311,9 @@ class EvalConfig(StageConfig):
     sag_window: int = Field(500, ge=10)
     sag_batch: int = Field(100, ge=1)
     l2d: bool = Field(False, description="learning to defer to simulated humans (EM)")
-    human_noise: tuple[float, ...] = Field((0.3, 0.3), description="label-noise rate of each simulated human")
+    human_noise: tuple[Annotated[float, Field(ge=0, le=1)], ...] = Field(
+        (0.3, 0.3), min_length=1, max_length=64,
+        description="label-noise rate in [0, 1] of each simulated human")
 
 
 class BaselinesConfig(StageConfig):
@@ -228,9 +324,10 @@ class BaselinesConfig(StageConfig):
     T: int = Field(25, ge=1, description="EG rounds of Algorithm 2")
     xi: float = Field(1.0, gt=0)
     view: Literal["lt", "bal"] = "lt"
-    levels: tuple[float, ...] = (0.7, 0.8, 0.9)
-    n_boot: int = Field(1000, ge=0)
-    seeds: tuple[int, ...] = (42,)
+    levels: tuple[Rate01, ...] = Field(
+        (0.7, 0.8, 0.9), min_length=1, max_length=1000, description="coverage levels in (0, 1]")
+    n_boot: int = Field(1000, ge=0, le=1_000_000)
+    seeds: tuple[Seed, ...] = Field((42,), min_length=1, max_length=1000)
     ablations: bool = True
     sensitivity: bool = False
     gate_epochs: int | None = Field(None, ge=1, description="epochs of ablation gates (default: the gate's)")
@@ -272,7 +369,7 @@ class ImportLogitsConfig(StageConfig):
     group_rule: str = "threshold:20"
     weights: dict[str, str] | None = Field(None, description="optional split -> w_lt file; else from counts")
     chunk_rows: int = Field(4096, ge=16)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_MAX)
 
     @field_validator("group_rule")
     @classmethod

@@ -9,8 +9,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Hypothesis profiles: "ci" (chosen when the CI env var is set) is derandomized -- the same
+# examples on every run, no example database -- so a CI failure is reproducible as is; "dev"
+# keeps Hypothesis' defaults (random examples, a local database under .hypothesis/).
+# HYPOTHESIS_PROFILE picks one explicitly.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_CIFAR10 = SHARED / "data" / "cifar10"
 

@@ -55,6 +55,8 @@ with s.lock("s", key):
                 time.sleep(120)
             if mode == "slow":
                 time.sleep(0.05)
+            if mode == "slow-follow":
+                time.sleep(0.6)  # spans several polls of `argse show --follow`
         out.array("x", np.arange(10) + (100 if replace else 0))
     print(json.dumps({"outcome": "wrote" if out.published else "cached"}), flush=True)
 """
@@ -156,14 +158,22 @@ def test_concurrent_resumable_writers_publish_one_artifact(store_root):
     assert [b.key for b in store.list()] == [KEY]
 
 
+def _k(tag: str) -> str:
+    return compute_key("s", 1, {"k": tag})
+
+
 def _writer(store: Store, key: str, **kw):
-    return store.writer("s", key, config={"k": key[:4]}, upstream={}, upstream_stages={},
+    tag = next(t for t in TAGS if _k(t) == key)
+    return store.writer("s", key, config={"k": tag}, upstream={}, upstream_stages={},
                         version=1, **kw)  # fmt: skip
+
+
+TAGS = ("norm", "tmp", "raise", "half", "link")
 
 
 def test_normal_publish_removes_the_pending_dir(store_root):
     store = Store(store_root)
-    key = compute_key("s", 1, {"k": "norm"})
+    key = _k("norm")
     with _writer(store, key, resumable=True) as out:
         assert out.resumed is False and out.pending.is_dir()
         out.scratch("c.bin").write_bytes(b"x")
@@ -178,7 +188,7 @@ def test_normal_publish_removes_the_pending_dir(store_root):
 
 def test_non_resumable_writer_logs_metrics_in_its_temp_dir(store_root):
     store = Store(store_root)
-    key = compute_key("s", 1, {"k": "tmp"})
+    key = _k("tmp")
     with _writer(store, key) as out:
         assert out.pending is None and out.resumed is False
         assert out.metrics_path.parent == out.tmp and out.tmp.name.startswith(".tmp-")
@@ -193,7 +203,7 @@ def test_non_resumable_writer_logs_metrics_in_its_temp_dir(store_root):
 
 def test_a_raising_resumable_writer_keeps_its_pending_dir_only_with_scratch_state(store_root):
     store = Store(store_root)
-    key = compute_key("s", 1, {"k": "raise"})
+    key = _k("raise")
     with pytest.raises(RuntimeError), _writer(store, key, resumable=True) as out:
         out.log_metrics({"epoch": 0})
         raise RuntimeError("no checkpoint yet")
@@ -212,7 +222,7 @@ def test_a_raising_resumable_writer_keeps_its_pending_dir_only_with_scratch_stat
 
 def test_half_written_metrics_line_is_cut_on_resume(store_root):
     store = Store(store_root)
-    key = compute_key("s", 1, {"k": "half"})
+    key = _k("half")
     pending = store.pending_dir("s", key)
     (pending / SCRATCH).mkdir(parents=True)
     (pending / METRICS).write_text('{"epoch": 0}\n{"epoch": 1, "lo')  # killed mid-write
@@ -225,7 +235,7 @@ def test_half_written_metrics_line_is_cut_on_resume(store_root):
 
 def test_a_crafted_pending_link_is_not_followed(store_root, tmp_path):
     store = Store(store_root)
-    key = compute_key("s", 1, {"k": "link"})
+    key = _k("link")
     outside = tmp_path / "outside"
     outside.mkdir()
     (outside / "precious.txt").write_text("keep")
@@ -236,3 +246,59 @@ def test_a_crafted_pending_link_is_not_followed(store_root, tmp_path):
         out.array("v", np.arange(2))
     assert (outside / "precious.txt").read_text() == "keep"
     assert store.open("s", key).verify() == []
+
+
+# ------------------------------------------------------------------- gc, ls --all, follow
+def test_gc_keeps_pending_state_unless_asked_and_never_a_live_writers(store_root):
+    from conftest import run_cli
+
+    store = Store(store_root)
+    _kill_at_ready(store_root)  # a dead writer's pending dir
+    pending = store.pending_dir("s", KEY)
+    env = {"ARGSE_STORE": str(store_root)}
+    ls = run_cli(["ls", "--all"], env=env)
+    assert ls.returncode == 0 and KEY[:16] in ls.stdout and "pending (resumable)" in ls.stdout
+    assert KEY[:16] not in run_cli(["ls"], env=env).stdout
+    gc = run_cli(["gc"], env=env)
+    assert gc.returncode == 0 and pending.is_dir(), gc.stdout
+    assert f"kept {pending} (pending: resumable)" in gc.stdout and "gc --pending" in gc.stdout
+    # a live writer (it holds the key's lock) is never touched, even with --pending
+    with store.lock("s", KEY):
+        assert store.gc(pending=True) == [] and pending.is_dir()
+        (e,) = [e for e in store.entries() if e.state == "pending"]
+        assert e.reason.startswith("running")  # the lock is held (its writer.json pid is dead)
+    gc = run_cli(["gc", "--pending"], env=env)
+    assert gc.returncode == 0 and f"removed {pending} (pending)" in gc.stdout, gc.stdout
+    assert not pending.exists() and not list((store_root / "s").glob(".trash-*"))
+
+
+def test_show_follow_prints_the_log_until_published(store_root):
+    from conftest import run_cli
+
+    env = {**os.environ, "ARGSE_STORE": str(store_root), "PYTHONPATH": str(REPO)}
+    w = _start(store_root, "slow-follow")
+    first = json.loads(w.stdout.readline())  # the pending dir exists from now on
+    assert first["start"] == 0
+    f = subprocess.Popen([sys.executable, "-m", "argse_cli.cli", "show", "--follow", KEY[:10]],
+                         env=env, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                         text=True)  # fmt: skip
+    out, err = f.communicate(timeout=120)
+    _lines(w)
+    assert f.returncode == 0, err
+    rows = [json.loads(x) for x in out.splitlines()]
+    assert [r["epoch"] for r in rows] == list(range(8))  # every line, once, in order
+    # on a published artifact: prints its (checksummed) log and exits
+    res = run_cli(["show", "--follow", KEY[:8]], env={"ARGSE_STORE": str(store_root)})
+    assert res.returncode == 0 and [json.loads(x) for x in res.stdout.splitlines()] == rows
+
+
+def test_show_follow_on_a_dead_writer_says_so_in_one_line(store_root):
+    from conftest import run_cli
+
+    _kill_at_ready(store_root)
+    res = run_cli(["show", "--follow", KEY[:8]], env={"ARGSE_STORE": str(store_root)})
+    assert res.returncode == 2 and "Traceback" not in res.stderr
+    assert [json.loads(x)["epoch"] for x in res.stdout.splitlines()] == [0, 1, 2, 3, 4]
+    (line,) = res.stderr.strip().splitlines()
+    assert line.startswith(f"error: s/{KEY[:12]}: the writer is gone without publishing")
+    assert "rerun the stage to resume" in line
