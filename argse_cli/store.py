@@ -871,15 +871,21 @@ class Store:
             return bad("unreadable", "the artifact folder is a link or a file")
         marker = d / MARKER
         if not marker.is_file():
+            if not os.path.lexists(d):  # renamed away meanwhile (a --force swap, gc)
+                return bad("absent", "")
             return bad("incomplete", "no COMPLETE marker (never finished, or the marker was deleted)")
         seal = _read_seal(marker)
         if seal is None:
+            if not os.path.lexists(d):
+                return bad("absent", "")
             return bad("incomplete", "COMPLETE marker is not valid (damaged, or an older argse)")
         if seal["key"] != key:
             return bad("unreadable", f"COMPLETE names key {seal['key'][:16]!r}, not the folder's")
         try:
             raw = (d / MANIFEST).read_bytes()
         except OSError as e:
+            if not os.path.lexists(d):
+                return bad("absent", "")
             return bad("unreadable", f"manifest.json unreadable ({e.__class__.__name__})")
         if xxhash.xxh3_128_hexdigest(raw) != seal["manifest_xxh3"]:
             return bad("unreadable", "manifest.json fails its checksum (changed after publishing)")
@@ -1400,9 +1406,8 @@ class Store:
                     removed.append(f"{d} (pending)")
                     self._remove(d, key, dry_run)
         for e in self.entries():
-            if e.state == "incomplete":
+            if e.state == "incomplete" and self._remove_checked(e, ("incomplete",), dry_run):
                 removed.append(f"{e.path} (incomplete: {e.reason})")
-                self._remove(e.path, e.key, dry_run)
         removed += self._gc_debris(dry_run)
         if keep is not None:
             # everything reachable is opened first: an unreadable artifact on the way (its links
@@ -1420,10 +1425,23 @@ class Store:
                         if self.exists(st, k):  # raises for an unreadable one
                             todo.append(self.open(st, k))
             for e in self.entries():
-                if e.state in ("complete", "unreadable") and e.key not in reach:
-                    removed.append(str(e.path))
-                    self._remove(e.path, e.key, dry_run)
+                states = ("complete", "unreadable")
+                if e.state in states and e.key not in reach:
+                    if self._remove_checked(e, states, dry_run):
+                        removed.append(str(e.path))
         return removed
+
+    def _remove_checked(self, e: Inspection, states: tuple[str, ...], dry_run: bool) -> bool:
+        """Remove ``e`` (:meth:`_remove`) if it is still in one of ``states`` when looked at
+        again while holding the key's lock (nobody writes it): a folder seen mid-swap by a
+        concurrent ``--force`` is never removed. True if removed (or would be, dry run)."""
+        if dry_run:
+            return True
+        with self._try_lock(e.stage, e.key) as got:
+            if not got or self._inspect_path(e.stage, e.key, e.path).state not in states:
+                return False
+            self._remove(e.path, e.key, dry_run)
+            return True
 
     @contextlib.contextmanager
     def _try_lock(self, stage: str, key: str) -> Iterator[bool]:

@@ -51,6 +51,23 @@ def run_cli(
     )
 
 
+def invoke(args: Sequence[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in-process (typer's CliRunner: no interpreter start); returns what
+    :func:`run_cli` returns. An uncaught exception's traceback is appended to stderr, as the
+    real command would print it."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from argse_cli.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **(env or {})})
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += "".join(traceback.format_exception(res.exception))
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, err)
+
+
 @pytest.fixture(scope="session")
 def synthetic_cifar10(tmp_path_factory) -> Path:
     """Data root holding a synthetic CIFAR-10 in the official layout (cifar-10-batches-py/)."""

@@ -282,6 +282,32 @@ def test_gc_keep_killed_mid_removal_leaves_nothing_that_looks_complete(two):
     res = run_cli(["calibrate", "--set", "view=bal", "--print-key"], env={"ARGSE_STORE": str(store.root)})
     (trash,) = list((store.root / "calibrate").glob(".trash-*"))
     assert any(trash.rglob("*"))  # the half-deleted files are there, invisible
-    removed = store.gc()
-    assert removed == [str(trash)] and not trash.exists()
+    removed = store.gc()  # the debris, and the lock file the killed gc held while removing
+    assert str(trash) in removed and not trash.exists()
+    assert set(removed) - {str(trash)} <= {str(p) for p in store.root.glob("*/.locks/*")} | {
+        str(store.root / "calibrate" / ".locks" / f"{c2}.lock")}
+    assert not list(store.root.glob("*/.locks/*.lock"))
     assert "Traceback" not in res.stderr
+
+
+# ----------------------------------------------------------- item 3: copies out are verified
+def test_report_export_refuses_a_tampered_file_and_copies_nothing(store_root, tmp_path):
+    from argse_cli.stages.report import export_to
+
+    store = Store(store_root)
+    key = compute_key("report", 1, {"title": "t"})
+    with store.writer("report", key, config={"title": "t"}, upstream={}, upstream_stages={},
+                      version=1) as w:  # fmt: skip
+        w.file_path("main.tex").write_text("\\begin{table}\\end{table}\n")
+        w.file_path("figures/a.png").write_bytes(b"\x89PNG fake")
+    art = store.open("report", key)
+    good = export_to(art, tmp_path / "ok")
+    assert sorted(p.relative_to(tmp_path / "ok").as_posix() for p in good) == ["figures/a.png", "main.tex"]
+    assert (tmp_path / "ok" / "main.tex").read_bytes() == art.read_bytes("main.tex")
+    with open(art.path / "files" / "main.tex", "a") as fh:  # echo x >> files/main.tex
+        fh.write("x\n")
+    with pytest.raises(IntegrityError, match="main.tex: file checksum mismatch"):
+        export_to(store.open("report", key), tmp_path / "bad")
+    assert not (tmp_path / "bad").exists() or not any((tmp_path / "bad").rglob("*"))
+    with pytest.raises(ArgseError, match="not a directory"):
+        export_to(art, tmp_path / "ok" / "main.tex")

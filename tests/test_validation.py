@@ -11,7 +11,7 @@ import shutil
 import numpy as np
 import pytest
 import yaml
-from conftest import run_cli
+from conftest import invoke
 from test_bad_inputs import _foreign, assert_one_line_error
 
 from argse_cli.errors import ArgseError
@@ -73,7 +73,7 @@ def test_edge_values_are_accepted(stage, data):
 
 def test_yaml_epochs_true_is_refused_not_read_as_1(tmp_path):
     (tmp_path / "p.yaml").write_text("train_gate:\n  epochs: true\n")
-    res = run_cli(["train-gate", "-c", str(tmp_path / "p.yaml")], env={"ARGSE_STORE": str(tmp_path / "s")})
+    res = invoke(["train-gate", "-c", str(tmp_path / "p.yaml")], env={"ARGSE_STORE": str(tmp_path / "s")})
     assert_one_line_error(res, ["train_gate.epochs", "boolean"])
 
 
@@ -97,7 +97,7 @@ def test_cli_set_and_option_errors_are_one_line(tmp_path):
         (["baselines", "--seeds", "a,b"], ["--seeds", "comma list of integers"]),
     ]
     for args, words in cases:
-        assert_one_line_error(run_cli(args, env=env), words)
+        assert_one_line_error(invoke(args, env=env), words)
     assert not (tmp_path / "s").exists()
 
 
@@ -182,15 +182,10 @@ def bad_imports(tmp_path_factory):
 
 
 def test_bad_files_are_one_line_errors_and_nothing_is_stored(bad_imports, tmp_path):
-    from concurrent.futures import ThreadPoolExecutor
-
-    def one(kind):
-        store = tmp_path / kind
-        return run_cli(["import-logits", "-c", str(bad_imports[kind]), "-q"], env={"ARGSE_STORE": str(store)})
-
-    kinds = list(bad_imports)
-    with ThreadPoolExecutor(max_workers=3) as ex:
-        results = dict(zip(kinds, ex.map(one, kinds), strict=True))
+    results = {
+        kind: invoke(["import-logits", "-c", str(cfg), "-q"], env={"ARGSE_STORE": str(tmp_path / kind)})
+        for kind, cfg in bad_imports.items()
+    }  # in-process: one interpreter for every case
     failures = []
     for kind, res in results.items():
         words = (["import_logits.class_counts", "1e+30", "too large"] if kind == "class-count-1e30"
@@ -209,8 +204,8 @@ def test_rehash_sees_a_data_file_changed_in_place(synthetic_cifar10, tmp_path):
     data = tmp_path / "data"
     shutil.copytree(synthetic_cifar10, data)
     env = {"ARGSE_STORE": str(tmp_path / "store"), "ARGSE_DATA": str(data)}
-    k1 = run_cli(["split", "--print-key"], env=env)
-    first = run_cli(["split", "-q"], env=env)
+    k1 = invoke(["split", "--print-key"], env=env)
+    first = invoke(["split", "-q"], env=env)
     assert first.returncode == 0 and f"wrote {k1.stdout.strip()}" in first.stdout, first.stderr
     f = data / "cifar-10-batches-py" / "test_batch"
     st = f.stat()
@@ -219,22 +214,22 @@ def test_rehash_sees_a_data_file_changed_in_place(synthetic_cifar10, tmp_path):
     f.write_bytes(bytes(b))
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))  # ... and the same mtime
     # the documented limitation: the (path, size, mtime) memo serves the old fingerprint
-    cached = run_cli(["split", "-q"], env=env)
+    cached = invoke(["split", "-q"], env=env)
     assert cached.returncode == 0 and f"cached {k1.stdout.strip()}" in cached.stdout
     # --rehash hashes the contents again: a new key, recomputed
-    k2 = run_cli(["split", "--rehash", "--print-key"], env=env).stdout.strip()
+    k2 = invoke(["split", "--rehash", "--print-key"], env=env).stdout.strip()
     assert k2 and k2 != k1.stdout.strip()
-    again = run_cli(["split", "--rehash", "-q"], env=env)
+    again = invoke(["split", "--rehash", "-q"], env=env)
     assert again.returncode == 0 and f"wrote {k2}" in again.stdout, again.stderr
     # the memo is refreshed: a plain run now agrees
-    assert run_cli(["split", "--print-key"], env=env).stdout.strip() == k2
+    assert invoke(["split", "--print-key"], env=env).stdout.strip() == k2
 
 
 def test_import_rehash_sees_a_logits_file_changed_in_place(tmp_path):
     cfg = _foreign(tmp_path / "imp")
     env = {"ARGSE_STORE": str(tmp_path / "store")}
-    k1 = run_cli(["import-logits", "-c", str(cfg), "--print-key"], env=env).stdout.strip()
-    res = run_cli(["import-logits", "-c", str(cfg), "-q"], env=env)
+    k1 = invoke(["import-logits", "-c", str(cfg), "--print-key"], env=env).stdout.strip()
+    res = invoke(["import-logits", "-c", str(cfg), "-q"], env=env)
     assert res.returncode == 0 and f"wrote {k1}" in res.stdout, res.stderr
     f = tmp_path / "imp" / "f0_test.npy"
     st = f.stat()
@@ -242,8 +237,8 @@ def test_import_rehash_sees_a_logits_file_changed_in_place(tmp_path):
     a[0, 0] += 1.0
     np.save(f, a)
     os.utime(f, ns=(st.st_atime_ns, st.st_mtime_ns))
-    assert run_cli(["import-logits", "-c", str(cfg), "--print-key"], env=env).stdout.strip() == k1
-    k2 = run_cli(["import-logits", "-c", str(cfg), "--rehash", "--print-key"], env=env).stdout.strip()
+    assert invoke(["import-logits", "-c", str(cfg), "--print-key"], env=env).stdout.strip() == k1
+    k2 = invoke(["import-logits", "-c", str(cfg), "--rehash", "--print-key"], env=env).stdout.strip()
     assert k2 != k1
-    res = run_cli(["import-logits", "-c", str(cfg), "--rehash", "-q"], env=env)
+    res = invoke(["import-logits", "-c", str(cfg), "--rehash", "-q"], env=env)
     assert res.returncode == 0 and f"wrote {k2}" in res.stdout, res.stderr
