@@ -11,7 +11,7 @@ DOWNLOAD ?= 0
 export ARGSE_DATA := $(DATA)
 export ARGSE_STORE := $(STORE)
 
-.PHONY: install data demo test test-all lint schemas digests bench reproduce results-c100lt clean
+.PHONY: install data demo test test-all lint schemas digests bench reproduce results-c100lt results-c10lt clean
 
 install: $(VENV)/.installed
 
@@ -95,16 +95,22 @@ reproduce: install data
 	    echo --eval $$($(ARGSE) eval $(REPRO) --gate $$($(ARGSE) train-gate $(REPRO) $$b --seed $$s --print-key) --print-key); done; done) \
 	  --baselines $$($(ARGSE) baselines $(REPRO) --print-key)
 
-# CIFAR-100-LT on the published expert logits (../shared/data/cifar100lt-logits), 5 gate seeds.
-C100 := build/c100lt
+# CIFAR-100-LT on the published expert logits (../shared/data/cifar100lt-logits): cross-fitting
+# (PROTOCOL=crossfit, 5 folds; PROTOCOL=holdout keeps the single clean split), 5 gate seeds x 2 gates.
+PROTOCOL ?= crossfit
+C100 := build/c100lt-$(PROTOCOL)
 C100NPZ := $(SHARED)/data/cifar100lt-logits/cifar100lt_real_logits.npz
-C100CFG := --config $(C100)/pipeline.yaml
 SEEDS := 42 43 44 45 46
-$(C100)/pipeline.yaml: $(C100NPZ) argse_cli/data/c100lt.py
-	$(PY) -m argse_cli.data.c100lt $(C100NPZ) $(C100)
+$(C100)/protocol.json: argse_cli/data/c100lt.py
+	@if [ ! -f $(C100NPZ) ]; then echo "$(C100NPZ) not found: the CIFAR-100-LT logits come from ../shared/data/cifar100lt-logits (set SHARED=...)"; exit 2; fi
+	rm -rf $(C100) && $(PY) -m argse_cli.data.c100lt $(C100NPZ) $(C100) --protocol $(PROTOCOL) >/dev/null
 
-results-c100lt: install $(C100)/pipeline.yaml
+results-c100lt: install $(C100)/protocol.json
 	ARGSE=$(ARGSE) PY=$(PY) C100=$(C100) SEEDS="$(SEEDS)" bash scripts/results_c100lt.sh
+
+# CIFAR-10-LT from experts trained here on the CPU (configs/cifar10lt-cpu.yaml; ~1-1.5 h on 2 cores).
+results-c10lt: install data
+	ARGSE=$(ARGSE) PY=$(PY) bash scripts/results_c10lt.sh
 
 clean:
 	rm -rf $(STORE) reports

@@ -18,11 +18,11 @@ from typing import Any
 __version__ = "0.1.0"
 
 _API = {
-    "plugin_predict": "argse_cli.rejector",
-    "plugin_margin": "argse_cli.rejector",
-    "chow_margin": "argse_cli.rejector",
-    "acceptance_prob": "argse_cli.rejector",
-    "build_gating_features": "argse_cli.nn.gate",
+    "plugin_predict": "argse_cli.core.rule",
+    "plugin_margin": "argse_cli.core.rule",
+    "chow_margin": "argse_cli.core.rule",
+    "acceptance_prob": "argse_cli.core.rule",
+    "build_gating_features": "argse_cli.core.gate",
     "selective_metrics": "argse_cli.metrics",
     "rc_curve": "argse_cli.metrics",
     "aurc": "argse_cli.metrics",

@@ -97,7 +97,7 @@ class Rejector:
         return str(storage_dtype(max(ranges, default=0.0)))
 
     def _posteriors(self, xs: list, storage: str) -> np.ndarray:
-        from .stages.calibrate import apply_calibration
+        from .core.expert_data import apply_calibration
         from .stages.import_logits import to_storage
 
         if storage == "auto":
@@ -142,7 +142,7 @@ class Rejector:
 
 def load_rejector(key: str, store: Any = None) -> Rejector:
     """Load the calibrated gate + rejector of a train-gate artifact (key or unique prefix)."""
-    from .stages.calibrate import log_prior
+    from .core.expert_data import log_prior
     from .stages.train_gate import load_gate
     from .store import Store
 

@@ -19,6 +19,7 @@ import typing
 from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 RUNTIME_FIELDS = frozenset({"data_root", "download", "workers", "verbose", "store", "infer_batch_size"})
 
@@ -35,7 +36,6 @@ _GROUP_RE = re.compile(r"^(threshold:\d+|quantile:(0?\.\d+|1(\.0+)?)(,(0?\.\d+))
 SEED_MAX = 2**32  # numpy's SeedSequence-free legacy seeding and torch.manual_seed accept < 2**32
 INT_MAX = 2**63  # every integer field fits numpy's int64
 Seed = Annotated[int, Field(ge=0, lt=SEED_MAX)]
-Rate01 = Annotated[float, Field(gt=0, le=1)]  # a coverage level in (0, 1]
 
 
 def _scalar_kind(ann: Any) -> Any:
@@ -235,47 +235,91 @@ class CalibrateConfig(StageConfig):
     fit_split: Literal["val_small", "tuneV"] = "val_small"
 
 
-class TrainGateConfig(StageConfig):
-    """`argse train-gate`: gating network + primal-dual AR-GSE."""
+GATE_TRAINING_FIELDS = ("gate_loss", "epochs", "batch_size", "lr_gate", "lambda_ent", "hard_routing",
+                        "hidden", "dropout", "patience", "buffer_chunks", "seed")
+"""Fields of a trained gate: inert (kept out of the key) for the frozen uniform gate."""
+SELECTIVE_FIELDS = ("lr_alpha_mu", "rho", "lambda_max", "alpha_min", "alpha_ema", "tau_start", "tau_end",
+                    "tau_warmup_epochs")
+"""Fields of the primal-dual selective recipe only: inert for the NLL gate."""
+WORST_FIELDS = ("xi", "T")
+"""Fields of Algorithm 2 (beta = worst) only."""
+GATE_DEFAULTS: dict[str, Any] = {
+    "gate_loss": "nll", "epochs": 100, "batch_size": 256, "lr_gate": 1e-3, "lambda_ent": 1e-3,
+    "hard_routing": False, "hidden": (128, 64), "dropout": 0.1, "patience": 15, "buffer_chunks": 4,
+    "seed": 42, "lr_alpha_mu": 5e-3, "rho": 1e-2, "lambda_max": 10.0, "alpha_min": 1e-3,
+    "alpha_ema": 0.9, "tau_start": 2.0, "tau_end": 10.0, "tau_warmup_epochs": 30, "xi": 1.0, "T": 10,
+}
 
-    c: float = Field(0.05, ge=0, le=1, description="rejection cost")
-    beta: Literal["balanced", "worst"] = "balanced"
-    xi: float = Field(1.0, gt=0, description="exponentiated-gradient step for beta (worst)")
-    epochs: int = Field(100, ge=1)
-    batch_size: int = Field(256, ge=1)
-    lr_gate: float = Field(1e-3, gt=0)
-    lr_alpha_mu: float = Field(5e-3, gt=0)
-    rho: float = Field(1e-2, gt=0)
-    lambda_max: float = Field(10.0, gt=0)
-    alpha_min: float = Field(1e-3, gt=0)
-    alpha_ema: float = Field(0.9, ge=0, lt=1)
-    tau_start: float = Field(2.0, gt=0)
-    tau_end: float = Field(10.0, gt=0)
-    tau_warmup_epochs: int = Field(30, ge=0)
-    lambda_ent: float = Field(1e-3, ge=0)
-    hard_routing: bool = False
-    gate_loss: Literal["nll", "selective"] = Field(
-        "nll", description="nll: mixture trained as an estimate of P_train(y|x); selective: the Lagrangian")
-    rule_update: Literal["fixed_point", "adam"] = Field(
-        "fixed_point", description="fixed_point: (alpha, mu) by Algorithm 1 each epoch; adam: learned")
-    M: int = Field(10, ge=1, description="fixed-point iterations of the per-epoch rule refit")
-    uniform_gate: bool = Field(False, description="freeze the gate at w = 1/E (ablation)")
-    hidden: tuple[Annotated[int, Field(ge=1, le=65536)], ...] = Field(
-        (128, 64), max_length=16, description="hidden layer widths of the gate (each >= 1)")
-    dropout: float = Field(0.1, ge=0, lt=1)
-    patience: int = Field(15, ge=1)
-    view: Literal["lt", "bal"] = "lt"
-    experts: tuple[Annotated[int, Field(ge=0)], ...] | None = Field(
-        None, min_length=1, description="subset of expert indices (ablation; distinct, each < E)")
-    buffer_chunks: int = Field(4, ge=1, description="row chunks shuffled together when streaming")
-    seed: int = Field(42, ge=0, lt=SEED_MAX)
+
+class TrainGateConfig(StageConfig):
+    """`argse train-gate`: the gating network (the mixture eta) and its plug-in rule.
+
+    The gate is trained by ``gate_loss`` (nll: eta as an estimate of P_train(y|x); selective: the
+    primal-dual Lagrangian); the rule is fitted on the trained mixture by the one core
+    (Algorithm 1 for ``beta=balanced``, Algorithm 2 for ``beta=worst``) at every coverage, and the
+    artifact's operating point is the cost-matched one for ``c``. A field that does nothing in the
+    chosen recipe is left unset (None, out of the key); setting it is an error that says so.
+    """
+
+    c: float = Field(0.05, ge=0, le=1, description="rejection cost of the operating point")
+    beta: Literal["balanced", "worst"] = Field("balanced", description="balanced: Algorithm 1; worst: Algorithm 2")
+    xi: float | None = Field(None, gt=0, description="exponentiated-gradient step of Algorithm 2 (worst) [1.0]")
+    T: int | None = Field(None, ge=1, le=1000, description="rounds of Algorithm 2 (worst) [10]")
+    uniform_gate: bool = Field(False, description="freeze the gate at w = 1/E (ablation; nothing is trained)")
+    gate_loss: Literal["nll", "selective"] | None = Field(
+        None, description="nll: the mixture trained as an estimate of P_train(y|x); selective: the "
+        "primal-dual Lagrangian [nll]")
+    epochs: int | None = Field(None, ge=1, le=100_000, description="[100]")
+    batch_size: int | None = Field(None, ge=1, description="[256]")
+    lr_gate: float | None = Field(None, gt=0, description="[1e-3]")
+    lambda_ent: float | None = Field(None, ge=0, description="routing-entropy weight [1e-3]")
+    hard_routing: bool | None = Field(None, description="top-1 routing, straight-through [false]")
+    hidden: tuple[int, ...] | None = Field(None, description="gate MLP widths [128, 64]")
+    dropout: float | None = Field(None, ge=0, lt=1, description="[0.1]")
+    patience: int | None = Field(None, ge=1, description="early stopping [15]")
+    buffer_chunks: int | None = Field(None, ge=1, description="row chunks shuffled together when streaming [4]")
+    seed: int | None = Field(None, ge=0, lt=2**32, description="gate initialisation and batch order [42]")
+    lr_alpha_mu: float | None = Field(None, gt=0, description="selective only: Adam lr of (alpha, mu) [5e-3]")
+    rho: float | None = Field(None, gt=0, description="selective only: dual step [1e-2]")
+    lambda_max: float | None = Field(None, gt=0, description="selective only: dual clip [10]")
+    alpha_min: float | None = Field(None, gt=0, description="selective only: alpha clamp [1e-3]")
+    alpha_ema: float | None = Field(None, ge=0, lt=1, description="selective only: per-epoch EMA of alpha [0.9]")
+    tau_start: float | None = Field(None, gt=0, description="selective only: sigmoid sharpness at epoch 0 [2]")
+    tau_end: float | None = Field(None, gt=0, description="selective only: after warm-up [10]")
+    tau_warmup_epochs: int | None = Field(None, ge=0, description="selective only: [30]")
+    view: Literal["lt", "bal"] = Field("lt", description="weights of the operating point's coverage and errors")
+    experts: tuple[int, ...] | None = Field(None, description="subset of expert indices (ablation)")
+
+    @field_validator("hidden")
+    @classmethod
+    def _hidden(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and any(h < 1 for h in v):
+            raise ValueError("every hidden width must be >= 1")
+        return v
 
     @field_validator("experts")
     @classmethod
-    def _distinct(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
-        if v is not None and len(set(v)) != len(v):
-            raise ValueError(f"expert indices must be distinct, got {list(v)}")
+    def _experts(cls, v: tuple[int, ...] | None) -> tuple[int, ...] | None:
+        if v is not None and (len(v) == 0 or min(v) < 0 or len(set(v)) != len(v)):
+            raise ValueError("experts must be distinct indices >= 0 (at least one)")
         return v
+
+    @field_validator(*GATE_TRAINING_FIELDS, *SELECTIVE_FIELDS, *WORST_FIELDS)
+    @classmethod
+    def _inert(cls, v: Any, info: ValidationInfo) -> Any:
+        """A value for a field the recipe does not use is refused (one line: field, why, fix)."""
+        if v is None:
+            return v
+        d, n = info.data, info.field_name
+        if n in WORST_FIELDS and d.get("beta") == "balanced":
+            why, fix = "with beta=balanced (Algorithm 2 only)", "remove it or use beta=worst"
+        elif n in GATE_TRAINING_FIELDS and d.get("uniform_gate"):
+            why, fix = "with uniform_gate=true (nothing is trained)", "remove it or drop uniform_gate"
+        elif n in SELECTIVE_FIELDS and (d.get("uniform_gate") or (d.get("gate_loss") or "nll") == "nll"):
+            why, fix = "unless gate_loss=selective (the primal-dual recipe)", "remove it or set gate_loss=selective"
+        else:
+            return v
+        raise PydanticCustomError("inert_field", "has no effect {why}", {"why": why, "fix": fix})
 
     def check_experts(self, num_experts: int) -> None:
         """``experts`` against the upstream's expert count E (known once the export is): every
@@ -290,18 +334,35 @@ class TrainGateConfig(StageConfig):
                 f"pick distinct indices below {num_experts}",
             )  # fmt: skip
 
+    def resolved(self) -> TrainGateConfig:
+        """Defaults filled in for the fields the recipe uses (the others stay None)."""
+        use = ()
+        if not self.uniform_gate:
+            use += GATE_TRAINING_FIELDS
+            if (self.gate_loss or "nll") == "selective":
+                use += SELECTIVE_FIELDS
+        if self.beta == "worst":
+            use += WORST_FIELDS
+        upd = {k: GATE_DEFAULTS[k] for k in use if getattr(self, k) is None}
+        return self.model_copy(update=upd)
+
+
+def _grid_levels(v: tuple[float, ...]) -> tuple[float, ...]:
+    """Coverage levels must be points of the refit grid 0.01, 0.02, ..., 1.00."""
+    if not v or any(not (0 < x <= 1) or abs(round(x * 100) - x * 100) > 1e-9 for x in v):
+        raise ValueError("levels must be coverages of the grid 0.01, 0.02, ..., 1.00")
+    return tuple(round(x, 2) for x in v)
+
 
 class EvalConfig(StageConfig):
     """`argse eval`: risk-coverage metrics of a gate on test, with bootstrap CIs."""
 
-    levels: tuple[Rate01, ...] = Field(
-        (0.7, 0.8, 0.9), min_length=1, max_length=1000, description="coverage levels in (0, 1]")
+    levels: tuple[float, ...] = Field((0.7, 0.8, 0.9), max_length=100, description="coverages of the error columns "
+                                      "(points of the grid 0.01..1.00)")
     n_boot: int = Field(1000, ge=0, le=1_000_000)
     seed: int = Field(0, ge=0, lt=SEED_MAX - 1, description="seed (seed + 1 is used too)")
-    refit: bool = Field(True, description="also compute the refit view (alpha, mu refitted per coverage)")
-    refit_grid: tuple[Rate01, ...] = Field(
-        (0.6, 0.7, 0.8, 0.9, 1.0), min_length=1, max_length=1000,
-        description="coverages in (0, 1] of the refit view")
+
+    _levels = field_validator("levels")(classmethod(lambda cls, v: _grid_levels(v)))
     target_risk: float | None = Field(None, gt=0, lt=1, description="risk-controlled thresholds on calib")
     delta: float = Field(0.1, gt=0, lt=1, description="failure probability of the risk guarantee")
     conformal_epsilon: float = Field(0.1, gt=0, lt=1, description="Mondrian bound P(accept | error, group)")
@@ -320,15 +381,19 @@ class BaselinesConfig(StageConfig):
     """`argse baselines`: Chow, DE-Chow, CS-plug-in (U-PI, SB-PI), Plug-in[Worst], AR-GSE ablations."""
 
     c: float = Field(0.05, ge=0, le=1)
-    M: int = Field(10, ge=1, description="fixed-point iterations of Algorithm 1")
-    T: int = Field(25, ge=1, description="EG rounds of Algorithm 2")
+    T: int = Field(10, ge=1, le=1000, description="EG rounds of Algorithm 2 (Plug-in[Worst]); AR-GSE (worst) uses train_gate.T")
     xi: float = Field(1.0, gt=0)
-    view: Literal["lt", "bal"] = "lt"
-    levels: tuple[Rate01, ...] = Field(
-        (0.7, 0.8, 0.9), min_length=1, max_length=1000, description="coverage levels in (0, 1]")
+    view: Literal["lt", "bal"] = Field("lt", description="view of the operating points (sweep view) and of SB-PI's choice")
+    levels: tuple[float, ...] = (0.7, 0.8, 0.9)
     n_boot: int = Field(1000, ge=0, le=1_000_000)
     seeds: tuple[Seed, ...] = Field((42,), min_length=1, max_length=1000)
+
+    _levels = field_validator("levels")(classmethod(lambda cls, v: _grid_levels(v)))
     ablations: bool = True
+    ablation_variants: tuple[
+        Literal["selective", "no_sparsity", "hard_routing", "one_expert", "two_experts", "balanced_posteriors"], ...
+    ] = Field(("selective", "no_sparsity", "hard_routing", "one_expert", "two_experts", "balanced_posteriors"),
+              description="which AR-GSE ablation gates to retrain (with ablations: true), one per seed")
     sensitivity: bool = False
     gate_epochs: int | None = Field(None, ge=1, description="epochs of ablation gates (default: the gate's)")
 
@@ -338,6 +403,7 @@ class ReportConfig(StageConfig):
 
     formats: tuple[Literal["pdf", "png"], ...] = ("pdf", "png")
     title: str = "AR-GSE"
+    n_boot: int = Field(1000, ge=1, le=100_000, description="bootstrap resamples of the CIs and paired comparisons")
 
 
 class ExpertSource(BaseModel):

@@ -1,28 +1,132 @@
 """One evaluation protocol for every method (AR-GSE, its ablations and every baseline).
 
-*Sweep view* (main): the method's rule is fitted once on validation data; its score is its margin
-(accept iff margin >= 0 at the fitted cost), and the risk-coverage curve sweeps a threshold over
-that margin on test.
+**Refit view (the headline).** A plug-in method's risk-coverage curve is traced as the paper does:
+at each coverage q of the grid 0.01..1.00 its rule (alpha, mu[, beta]) is re-fitted by the one core
+(:mod:`argse_cli.core.plugin_fit`; Algorithm 1, or Algorithm 2 for the worst-group methods) on
+validation data only -- alpha's fixed point on tuneV, lambda chosen on val_small (Algorithm 2:
+S1 = tuneV, S2 = val_small) -- then read on test at coverage q (:mod:`argse_cli.metrics.refit`).
+Each view (long-tailed ``w_lt`` or balanced ``w_bal`` weights) has its own fit: coverage and
+errors under the view's weights, alpha's fixed point under the training prior ``w_lt`` (Theorem 1:
+eta is P_train(y|x)). Chow-type rules have nothing to refit: their curve is their threshold sweep.
 
-*Refit view*: at each coverage level, every plug-in method refits alpha and mu on validation data
-at that coverage (Algorithm 1's fixed point, threshold at the validation quantile; AR-GSE with its
-trained mixture held fixed) and is evaluated on test at the same coverage (the test threshold is
-set from test margins alone, never test labels). Chow-type rules have nothing to refit: their
-refit view equals their sweep view.
+**Sweep view (secondary).** Each plug-in rule fitted once, at its cost-matched operating point for
+the rejection cost c (long-tailed view), its margin swept over test.
 
-Both views are computed under the long-tailed (``w_lt``) and the balanced (``w_bal``) weights;
-every output names its view.
+Test labels are used only to score a rule (and, through the view's weights, to measure coverage);
+never to fit alpha, mu, beta, lambda, q or an epoch.
 """
 
 from __future__ import annotations
 
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from typing import Any
 
 import numpy as np
 
 VIEWS = ("lt", "bal")
 WEIGHT_OF_VIEW = {"lt": "w_lt", "bal": "w_bal"}
+FIT_SPLIT, SELECT_SPLIT = "tuneV", "val_small"
+FIT_ROWS_MAX = 20_000
+"""The rule is fitted on at most this many tuneV rows (a larger tuneV is subsampled, class-stratified,
+seed 0): the fixed point estimates K P(accept, y in G_k), for which 2e4 rows give ~0.5% precision,
+and the fit's cost grows linearly with the rows."""
+PROTOCOL_TEXT = (
+    "refit view: at each coverage 0.01..1.00 the rule is re-fitted on validation data (alpha's fixed "
+    "point on tuneV, lambda chosen on val_small; Algorithm 2: S1 = tuneV, S2 = val_small) and read on "
+    "test at that coverage; sweep view: one rule at the cost-matched operating point, its margin swept "
+    "over test; Chow-type rules: threshold sweep"
+)
+
+
+def views_of(Mx: Any, A: Any, E: Any, d: dict, class_to_group: Any, views: Sequence[str] = VIEWS) -> dict:
+    """{view: Split}: the core's view of one split (eta's group statistics, the view's weights for
+    coverage and errors, the training-prior weights w_lt for alpha's fixed point)."""
+    from .core.plugin_fit import Split
+
+    return {v: Split.from_stats(Mx, A, E, d["y"], class_to_group, w=d[WEIGHT_OF_VIEW[v]], w_prior=d["w_lt"])
+            for v in views}
+
+
+def fit_rows(y: Any, cap: int = FIT_ROWS_MAX, seed: int = 0) -> np.ndarray | None:
+    """Row indices (sorted) of a class-stratified subsample of size ~cap, or None if len(y) <= cap."""
+    y = np.asarray(y)
+    if len(y) <= cap:
+        return None
+    rng = np.random.default_rng(seed)
+    keep = []
+    for c in np.unique(y):
+        idx = np.flatnonzero(y == c)
+        k = max(1, int(round(cap * len(idx) / len(y))))
+        keep.append(rng.choice(idx, size=min(k, len(idx)), replace=False))
+    return np.sort(np.concatenate(keep))
+
+
+def views_of_eta(eta: Any, d: dict, class_to_group: Any, views: Sequence[str] = VIEWS) -> dict:
+    from .core.plugin_fit import group_stats
+
+    return views_of(*group_stats(eta, class_to_group), d, class_to_group, views)
+
+
+def fit_curves(splits: dict[str, dict], *, worst: bool = False, T: int = 10, xi: float = 1.0) -> dict[str, Any]:
+    """{view: PluginCurve} of one method from ``splits[split][view]`` (:func:`views_of`):
+    Algorithm 1 (``worst`` False; fit on tuneV, lambda on val_small) or Algorithm 2 (S1 = tuneV,
+    S2 = val_small) at every coverage."""
+    from .core.plugin_fit import fit_curve, fit_worst_curve
+
+    out = {}
+    for v in splits[FIT_SPLIT]:
+        fit, sel = splits[FIT_SPLIT][v], splits[SELECT_SPLIT][v]
+        out[v] = fit_worst_curve(fit, sel, T=T, xi=xi) if worst else fit_curve(fit, sel)
+    return out
+
+
+def operating_rule(curves: dict[str, Any], c: float, view: str = "lt") -> tuple[Any, float]:
+    """(rule, q*) at the cost-matched operating point of the view's curve (cost-matched Algorithm 1)."""
+    from .core.plugin_fit import cost_operating_point
+
+    i = cost_operating_point(curves[view], c)
+    return curves[view].rule(i), float(curves[view].coverages[i])
+
+
+def score_curves(curves: dict[str, Any], eta_test: Any, test: dict, class_to_group: Any) -> dict[str, tuple]:
+    """{view: (score [Q, N] float32, pred [Q, N] int64)} of the refitted rules on test."""
+    from .core.plugin_fit import curve_scores
+
+    out = {}
+    for v, cur in curves.items():
+        S, P = curve_scores(cur, views_of_eta(eta_test, test, class_to_group, (v,))[v])
+        out[v] = (S.astype(np.float32), P.astype(np.int64))
+    return out
+
+
+def refit_metrics(scored: dict[str, tuple], test: dict, class_to_group: Any, *,
+                  levels: Sequence[float] = (0.7, 0.8, 0.9), n_boot: int = 1000, seed: int = 0) -> dict:
+    """Per view: the refitted curve, its three AURCs, errors at ``levels`` and bootstrap CIs."""
+    from .metrics import AURC_CONVENTION
+    from .metrics.refit import bootstrap_refit, refit_aurc, refit_rc
+
+    out: dict[str, Any] = {"aurc_convention": AURC_CONVENTION, "protocol": PROTOCOL_TEXT, "views": {}}
+    for v, (S, P) in scored.items():
+        w = test[WEIGHT_OF_VIEW[v]]
+        curve = refit_rc(S, P, test["y"], class_to_group, w, view=v)
+        d: dict[str, Any] = {
+            "aurc": {k: refit_aurc(curve, k) for k in ("standard", "balanced", "worst")},
+            "errors_at_coverage": _at_levels(curve, levels),
+            "curve": curve.to_dict(),
+        }
+        if n_boot:
+            d["bootstrap"] = bootstrap_refit([(S, P)], test["y"], class_to_group, w, levels=levels,
+                                             n_boot=n_boot, seed=seed)[0]
+        out["views"][v] = d
+    return out
+
+
+def _at_levels(curve: Any, levels: Sequence[float]) -> dict[str, Any]:
+    idx = [int(np.argmin(np.abs(curve.coverage - lv))) for lv in levels]
+    return {"levels": list(levels),
+            "balanced_error": [float(curve.balanced_risk[i]) for i in idx],
+            "worst_group_error": [float(curve.worst_risk[i]) for i in idx],
+            "risk": [float(curve.risk[i]) for i in idx]}
 
 
 def evaluate_scores(
@@ -37,7 +141,7 @@ def evaluate_scores(
     seed: int = 0,
     probs: Any = None,
 ) -> tuple[dict[str, Any], dict[str, Any]]:
-    """Sweep-view metrics of one method for each view; returns (metrics, rc curves by view)."""
+    """Sweep-view metrics of one score for each view; returns (metrics, rc curves by view)."""
     from .metrics import (
         AURC_CONVENTION,
         augrc,
@@ -76,49 +180,3 @@ def evaluate_scores(
         "note": "Geifman's exact AURC and E-AURC over the test samples as drawn (unit weights)",
     }
     return out, curves
-
-
-def refit_view(
-    fit_eta: Callable[[str], Any],
-    data: dict[str, dict],
-    class_to_group: Any,
-    coverages: Sequence[float],
-    *,
-    view: str,
-    beta: Any = None,
-    M: int = 10,
-) -> dict[str, Any]:
-    """Refit alpha, mu at each coverage on tuneV (lambda chosen on val_small); evaluate on test.
-
-    The fixed point's P(accept, y in G_k) uses the training-prior weights ``w_lt`` (Theorem 1:
-    eta is P_train(y|x)); errors and coverage use the view's weights.
-
-    ``fit_eta(split) -> eta [N, C]`` gives the method's (fixed) posterior on a split;
-    ``data[split]`` holds labels ``y`` and weights ``w_lt``/``w_bal``. Test labels are used only
-    to score the refitted rule, never to fit or to threshold it.
-    """
-    from .baselines import fit_cs_plugin
-    from .metrics import rc_curve
-
-    wk = WEIGHT_OF_VIEW[view]
-    eta_fit, eta_sel, eta_test = fit_eta("tuneV"), fit_eta("val_small"), fit_eta("test")
-    t = data["test"]
-    rows = []
-    for cov in coverages:
-        fit = fit_cs_plugin(
-            eta_fit, data["tuneV"]["y"], data["tuneV"][wk], class_to_group,
-            eta_sel=eta_sel, y_sel=data["val_small"]["y"], w_sel=data["val_small"][wk],
-            w_prior=data["tuneV"]["w_lt"], target_coverage=float(cov), beta=beta, M=M,
-        )
-        rule = fit.rule
-        # Measurement at matched coverage (as every RC curve does): read the refitted rule's test
-        # curve at this coverage; alpha, mu and lambda never saw a test label.
-        curve = rc_curve(rule.margin(eta_test), rule.predict(eta_test), t["y"], class_to_group, t[wk],
-                         coverages=[float(cov)], view=view)
-        rows.append({
-            "coverage": float(cov), "balanced_error": float(curve.balanced_risk[0]),
-            "worst_group_error": float(curve.worst_risk[0]), "risk": float(curve.risk[0]),
-            "group_error": [float(v) for v in curve.group_error[0]], "alpha": np.asarray(rule.alpha).tolist(),
-            "mu": np.asarray(rule.mu).tolist(), "widened": int(fit.widened),
-        })
-    return {"view": view, "rows": rows}

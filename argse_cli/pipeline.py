@@ -79,7 +79,9 @@ def validate(stage: str, data: dict[str, Any]) -> StageConfig:
         err = e.errors()[0]
         loc = ".".join(str(x) for x in err["loc"]) or "(config)"
         field = f"{section_name(stage)}.{loc}" if err["loc"] else section_name(stage)
-        if err["type"] == "extra_forbidden":
+        if err["type"] == "inert_field":
+            fix = err["ctx"]["fix"]
+        elif err["type"] == "extra_forbidden":
             fix = f"remove it; valid fields: {', '.join(model.model_fields)}"
         elif err["type"] in ("finite_number",):
             fix = "use a finite number"

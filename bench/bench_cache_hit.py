@@ -38,8 +38,8 @@ TINY = {
     "split": {"imbalance_factor": 10},
     "train_expert": {"epochs": 1, "decoupled_epochs": 1, "batch_size": 64},
     "export_logits": {"chunk_rows": 64},
-    "train_gate": {"epochs": 6, "tau_warmup_epochs": 2, "patience": 4, "batch_size": 64},
-    "eval": {"n_boot": 20, "refit_grid": [0.8, 1.0]},
+    "train_gate": {"epochs": 6, "patience": 4, "batch_size": 64},
+    "eval": {"n_boot": 20},
     "baselines": {"n_boot": 0, "gate_epochs": 3},
     "report": {"formats": ["png"]},
 }

@@ -76,14 +76,14 @@ def e2e(tmp_path_factory):
     st_e = {"export": "import-logits"}
     kc, _ = run_stage("calibrate", CalibrateConfig(), {"export": ikey}, st_e, store, quiet=True)
     up, st = {"export": ikey, "calibrate": kc}, {**st_e, "calibrate": "calibrate"}
-    gcfg = TrainGateConfig(epochs=1, tau_warmup_epochs=0, patience=1, c=0.1)
+    gcfg = TrainGateConfig(epochs=1, patience=1, c=0.1)
     kg, _ = run_stage("train-gate", gcfg, up, st, store, quiet=True)
     mp = pytest.MonkeyPatch()
     mp.setattr(ev, "_figures", lambda *a, **k: None)  # figures are not under test here (slow)
     try:
         ke, _ = run_stage(
             "eval",
-            EvalConfig(n_boot=50, refit=False),
+            EvalConfig(n_boot=50),
             {"gate": kg},
             {"gate": "train-gate"},
             store,
@@ -92,7 +92,7 @@ def e2e(tmp_path_factory):
     finally:
         mp.undo()
     bcfg = BaselinesConfig(
-        n_boot=0, seeds=(42,), ablations=False, gate_epochs=2, levels=(0.8,), M=3, T=3, c=0.1
+        n_boot=0, seeds=(42,), ablations=False, gate_epochs=2, levels=(0.8,), T=3, c=0.1
     )
     kb, _ = run_stage(
         "baselines", bcfg, {**up, "gate": kg}, {**st, "gate": "train-gate"}, store, quiet=True
@@ -158,7 +158,7 @@ def test_apply_files_npz_and_csv(e2e, tmp_path):
 @pytest.mark.slow  # trains a second gate (~10 s on 2 cores)
 def test_apply_with_an_expert_subset_gate(e2e):
     """An ablation gate over experts (0, 2): apply takes all four files and selects, or just two."""
-    from argse_cli.stages.calibrate import load_posteriors
+    from argse_cli.core.expert_data import load_posteriors
     from argse_cli.stages.train_gate import load_gate
 
     store = e2e["store"]
@@ -167,7 +167,7 @@ def test_apply_with_an_expert_subset_gate(e2e):
     kg, _ = run_stage(
         "train-gate",
         e2e["gcfg"].model_copy(
-            update={"experts": (0, 2), "epochs": 1, "tau_warmup_epochs": 0, "patience": 1}
+            update={"experts": (0, 2), "epochs": 1, "patience": 1}
         ),
         up,
         st,

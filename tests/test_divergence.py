@@ -40,13 +40,13 @@ def test_train_gate_nan_at_epoch_1_publishes_nothing(tiny, tmp_path, monkeypatch
     from typer.testing import CliRunner
 
     from argse_cli.cli import app
-    from argse_cli.stages import train_gate
+    from argse_cli.core import expert_data
 
     torch.set_num_threads(1)
     store = tmp_path / "store"
     shutil.copytree(tiny.store, store)
     before = listing(store)
-    original = train_gate.ZarrSource.iter_epoch
+    original = expert_data.ZarrSource.iter_epoch
     seen = []
 
     def poisoned(self, epoch):
@@ -57,9 +57,10 @@ def test_train_gate_nan_at_epoch_1_publishes_nothing(tiny, tmp_path, monkeypatch
                 post[0, 0, 0] = float("nan")
             yield post, y, w
 
-    monkeypatch.setattr(train_gate.ZarrSource, "iter_epoch", poisoned)
+    monkeypatch.setattr(expert_data.ZarrSource, "iter_epoch", poisoned)
     env = {"ARGSE_STORE": str(store), "ARGSE_DATA": str(tiny.data)}
-    res = CliRunner().invoke(app, ["train-gate", "-c", str(tiny.cfg), "-q"], env=env)
+    # the selective recipe reads the streamed posteriors every epoch (the NLL recipe reads them once)
+    res = CliRunner().invoke(app, ["train-gate", "-c", str(tiny.cfg), "--set", "gate_loss=selective", "-q"], env=env)
     assert res.exit_code == 2, res.output
     try:
         out = res.stderr  # click >= 8.2: stderr alone (res.output interleaves both)

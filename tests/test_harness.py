@@ -499,8 +499,7 @@ def tiny(tmp_path_factory):
 
 
 EVAL_FIELDS = {  # cheap eval overrides (n_boot is forced to 0): their boundary and bad values
-    "levels": st.lists(st.sampled_from([-0.1, 0.0, 1e-9, 0.5, 1.0, 1.5]), max_size=3),
-    "refit_grid": st.lists(st.sampled_from([0.0, 0.3, 1.0, 2.0]), max_size=3),
+    "levels": st.lists(st.sampled_from([-0.1, 0.0, 1e-9, 0.5, 0.555, 1.0, 1.5]), max_size=3),
     "human_noise": st.lists(st.sampled_from([-0.5, 0.0, 0.5, 1.0, 1.5]), max_size=3),
     "target_risk": st.sampled_from([None, 0.0, 0.05, 0.5, 1.0]),
     "delta": st.sampled_from([0.0, 0.1, 1.0]),

@@ -529,7 +529,7 @@ def _downstream(store: Store, stage: str, key: str) -> tuple:
     )
     kg, _ = run_stage(
         "train-gate",
-        TrainGateConfig(epochs=1, tau_warmup_epochs=0, patience=1, batch_size=64),
+        TrainGateConfig(epochs=1, patience=1, batch_size=64),
         {"export": key, "calibrate": kc},
         {"export": stage, "calibrate": "calibrate"},
         store,
@@ -537,7 +537,7 @@ def _downstream(store: Store, stage: str, key: str) -> tuple:
     )
     ke, _ = run_stage(
         "eval",
-        EvalConfig(n_boot=20, refit=False),
+        EvalConfig(n_boot=20),
         {"gate": kg},
         {"gate": "train-gate"},
         store,

@@ -40,8 +40,8 @@ PIPE = {
                      "batch_size": 64, "device": "cpu"},
     "export_logits": {"chunk_rows": 16, "device": "cpu"},
     "calibrate": {},
-    "train_gate": {"epochs": 4, "tau_warmup_epochs": 1, "patience": 4, "batch_size": 64},
-    "eval": {"n_boot": 10, "refit_grid": [0.8, 1.0]},
+    "train_gate": {"epochs": 4, "patience": 4, "batch_size": 64},
+    "eval": {"n_boot": 10},
     "baselines": {"n_boot": 0, "seeds": [42], "gate_epochs": 2, "T": 2},
     "report": {"formats": ["png"]},
 }  # fmt: skip

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import numpy as np
+import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
@@ -80,6 +81,18 @@ def test_rc_curve_finite_and_in_range(p):
 def test_constant_score_has_constant_risk(p):
     score, pred, y, c2g, w = p
     c = rc_curve(np.zeros_like(score), pred, y, c2g, w)
+    assert np.allclose(c.risk, c.risk[-1], atol=1e-12)
+    assert np.allclose(c.group_error, c.group_error[-1], atol=1e-12)
+
+
+@pytest.mark.parametrize("w", [[5e-324], [1.0, 5e-324], [1.0, 1e-13]])
+def test_constant_score_with_a_subnormal_weight_has_constant_risk(w):
+    """The failing example: one right prediction of weight 5e-324 and a constant score -- the tie
+    block's fractional acceptance underflowed, so the risk jumped from 1 (nothing accepted) to 0.
+    The weights' domain: a subnormal weight, or one below 1e-12 x the largest, counts as 0."""
+    n = len(w)
+    y = np.array([1, 0][:n])
+    c = rc_curve(np.zeros(n), y.copy(), y, np.array([0, 1]), np.asarray(w))
     assert np.allclose(c.risk, c.risk[-1], atol=1e-12)
     assert np.allclose(c.group_error, c.group_error[-1], atol=1e-12)
 

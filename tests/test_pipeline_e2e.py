@@ -19,10 +19,10 @@ PIPE = {
                      "decoupled_epochs": 1, "warmup_epochs": 0, "batch_size": 64},
     "export_logits": {"chunk_rows": 64},
     "calibrate": {},
-    "train_gate": {"epochs": 6, "tau_warmup_epochs": 2, "patience": 4, "batch_size": 64},
-    "eval": {"n_boot": 20, "refit_grid": [0.8, 1.0]},
+    "train_gate": {"epochs": 6, "patience": 4, "batch_size": 64},
+    "eval": {"n_boot": 20},
     "baselines": {"n_boot": 0, "seeds": [42], "gate_epochs": 3, "T": 3},
-    "report": {"formats": ["png"]},
+    "report": {"formats": ["png"], "n_boot": 20},
 }
 
 
@@ -50,10 +50,10 @@ def _all_stages(runner, env, cfg):
         _run(runner, env, "export-logits", *c, "-q"),
         _run(runner, env, "calibrate", *c, "-q"),
         _run(runner, env, "train-gate", *c, "-q"),
-        _run(runner, env, "train-gate", *c, "--beta", "worst", "--xi", "1.0", "-q"),
+        _run(runner, env, "train-gate", *c, "--beta", "worst", "--xi", "1.0", "--set", "T=3", "-q"),
     ]
     gb = _run(runner, env, "train-gate", *c, "--print-key").strip()
-    gw = _run(runner, env, "train-gate", *c, "--beta", "worst", "--xi", "1.0", "--print-key").strip()
+    gw = _run(runner, env, "train-gate", *c, "--beta", "worst", "--xi", "1.0", "--set", "T=3", "--print-key").strip()
     outs += [_run(runner, env, "eval", *c, "--gate", gb, "-q"), _run(runner, env, "eval", *c, "--gate", gw, "-q"),
              _run(runner, env, "baselines", *c, "-q")]
     eb = _run(runner, env, "eval", *c, "--gate", gb, "--print-key").strip()

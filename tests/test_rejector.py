@@ -8,7 +8,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from argse_cli.rejector import (
+from argse_cli.core.rule import (
     acceptance_prob,
     chow_margin,
     fix_mu_gauge,

@@ -49,27 +49,22 @@ def _evaluate(data: dict, m: dict) -> tuple[dict, dict]:
     return sweep, {v: c.to_dict() for v, c in curves.items()}
 
 
-def _refit(shift: float) -> dict:
-    return {
-        v: {
-            "view": v,
-            "rows": [
-                {
-                    "coverage": lv,
-                    "balanced_error": 0.1 + shift + lv / 10,
-                    "worst_group_error": 0.2 + shift + lv / 10,
-                }
-                for lv in LEVELS
-            ],
-        }
-        for v in ("lt", "bal")
-    }
+Q = 100
+
+
+def _refit_arrays(m: dict, seed: int) -> tuple[np.ndarray, np.ndarray]:
+    """A refitted curve's [Q, N] scores: point i is the method's score plus a little per-point noise."""
+    rng = np.random.default_rng(seed)
+    S = (m["score"][None, :] + rng.normal(0, 0.05, (Q, len(m["score"])))).astype(np.float32)
+    return S, np.repeat(m["pred"][None, :], Q, axis=0)
 
 
 def _history(T_: int = 6) -> dict:
     ep = list(range(T_))
     return {
         "epoch": ep,
+        "loss": [1.0 / (t + 1) for t in ep],
+        "val_criterion": [1.2 / (t + 1) + 0.01 * t for t in ep],
         "alpha": [[1.0 + 0.05 * t, 1.0 - 0.05 * t] for t in ep],
         "mu": [[0.1 * t, 0.0] for t in ep],
         "beta": [[0.5, 0.5] for _ in ep],
@@ -104,6 +99,7 @@ def _build_store(root) -> tuple:
     store = Store(root)
     data = _test_set()
     evals, bases, raw = [], [], {}
+    fold = _publish(store, "export-logits", "fold", lambda o: o.meta.update(experts=[]))
     for seed in (0, 1):
         gkey = _publish(
             store,
@@ -113,18 +109,24 @@ def _build_store(root) -> tuple:
                 o.json("history.json", _history()),
                 o.meta.update(view="lt", chosen_epoch=3),
             ),
+            {"export": fold}, {"export": "export-logits"},
         )
         for name, acc, inf in (("AR-GSE (balanced)", 0.9, True), ("AR-GSE_weak", 0.6, False)):
             m = _method(data, acc, inf, seed=100 * seed + int(acc * 10))
             sweep, curves = _evaluate(data, m)
             raw[(name, seed)] = sweep
 
-            def fill(o, name=name, m=m, sweep=sweep, curves=curves, seed=seed, gkey=gkey, inf=inf):
+            S, P = _refit_arrays(m, seed)
+            raw[(name, seed, "refit")] = (S, P)
+
+            def fill(o, name=name, m=m, sweep=sweep, curves=curves, seed=seed, gkey=gkey, S=S, P=P):
                 o.json("metrics.json", {
-                    "method": name, "seed": seed, "gate_key": gkey, "levels": LEVELS,
-                    "sweep": sweep, "refit": _refit(0.0 if inf else 0.2),
+                    "method": name, "seed": seed, "gate_key": gkey, "levels": LEVELS, "sweep": sweep,
                 })  # fmt: skip
                 o.json("rc_curves.json", {v: {name: c} for v, c in curves.items()})
+                for v in ("lt", "bal"):
+                    o.array(f"refit/{v}/score", S)
+                    o.array(f"refit/{v}/pred", P)
                 o.array("test/score", m["score"])
                 o.array("test/pred", m["pred"])
                 o.array("test/y", data["y"])
@@ -149,18 +151,10 @@ def _build_store(root) -> tuple:
             m = _method(data, acc, inf, seed=1000 + 10 * seed + i)
             sweep, curves = _evaluate(data, m)
             raw[(meth, group, setting, seed)] = sweep
-            results.append(
-                {
-                    "method": meth,
-                    "seed": seed,
-                    "group": group,
-                    "setting": setting,
-                    "slug": slug,
-                    "sweep": sweep,
-                    "refit": None,
-                }
-            )
-            arrays[slug] = m
+            plug = group != "baseline"  # the ablation / sensitivity rows are plug-in rules: refitted
+            results.append({"method": meth, "seed": seed, "group": group, "setting": setting, "slug": slug,
+                            "sweep": sweep, "refit": {} if plug else None})
+            arrays[slug] = {**m, "refit": _refit_arrays(m, 50 + i) if plug else None}
             for v, c in curves.items():
                 rc[v][slug] = c
 
@@ -170,11 +164,16 @@ def _build_store(root) -> tuple:
             for slug, m in arrays.items():
                 o.array(f"m/{slug}/score", m["score"])
                 o.array(f"m/{slug}/pred", m["pred"])
+                if m["refit"] is not None:
+                    for v in ("lt", "bal"):
+                        o.array(f"m/{slug}/refit/{v}/score", m["refit"][0])
+                        o.array(f"m/{slug}/refit/{v}/pred", m["refit"][1])
             for k in ("y", "w_lt", "w_bal"):
                 o.array(f"test/{k}", data[k])
             o.array("class_to_group", data["class_to_group"])
 
-        bases.append(_publish(store, "baselines", f"b{seed}", fill_b))
+        bases.append(_publish(store, "baselines", f"b{seed}", fill_b, {"export": fold},
+                              {"export": "export-logits"}))
     up = {"evals": evals, "baselines": bases}
     stages = {"evals": "eval", "baselines": "baselines"}
     return store, up, stages, raw
@@ -186,7 +185,7 @@ def report_art(tmp_path_factory):
     from argse_cli.stages import run_stage
 
     store, up, st, raw = _build_store(tmp_path_factory.mktemp("store"))
-    key, computed = run_stage("report", ReportConfig(), up, st, store, quiet=True)
+    key, computed = run_stage("report", ReportConfig(n_boot=200), up, st, store, quiet=True)
     assert computed
     return store.open("report", key), raw
 
@@ -246,74 +245,68 @@ def test_main_table_structure_bold_and_escaping():
     assert tex.count("\\begin{") == tex.count("\\end{")
 
 
-def _arrays(data, m):
-    return {
-        **m,
-        "y": data["y"],
-        "class_to_group": data["class_to_group"],
-        "w_lt": data["w_lt"],
-        "w_bal": data["w_bal"],
-    }
+def _pooled(data: dict, m: dict, name: str, seed: int = 0, refit=None):
+    from argse_cli.report.compare import Pooled
+
+    return Pooled(name, seed, "main", None, data["y"], data["class_to_group"],
+                  {"lt": data["w_lt"], "bal": data["w_bal"]}, (m["score"], m["pred"]), refit, [])
 
 
-def _vals(data, m, view="lt"):
-    sweep, _ = _evaluate(data, m)
-    from argse_cli.stages.report import sweep_values
+def test_compare_clear_winner_and_identical_methods():
+    from argse_cli.report.compare import compare, method_stats
 
-    return {k: [v] for k, v in sweep_values(sweep, view, LEVELS).items()}
-
-
-def test_choose_bold_clear_winner():
     data = _test_set(800, seed=3)
-    good = _method(data, 0.9, True, seed=1)
-    bad = _method(data, 0.55, False, seed=2)
-    values = {"good": _vals(data, good), "bad": _vals(data, bad)}
-    arrays = {"good": {0: _arrays(data, good)}, "bad": {0: lambda: _arrays(data, bad)}}
-    stats = {c.key: c.stat for c in T.default_columns(LEVELS)}
-    bold, tests = T.choose_bold(values, arrays, stats, view="lt", levels=LEVELS, n_boot=300)
-    assert bold["aurc_balanced"] == "good" and bold["worst_error@0.8"] == "good"
-    t = tests["aurc_balanced"]
-    assert t["best"] == "good" and t["runner_up"] == "bad" and t["hi"] < 0 and t["seed"] == 0
+    good, bad = _method(data, 0.9, True, seed=1), _method(data, 0.55, False, seed=2)
+    pooled = {("good", 0): _pooled(data, good, "good"), ("bad", 0): _pooled(data, bad, "bad"),
+              ("copy", 0): _pooled(data, good, "copy")}
+    ms = method_stats(pooled, ["good", "bad", "copy"], "lt", "sweep", LEVELS, 300)
+    c = compare(ms["good"], ms["bad"])
+    assert c["hi"][1] < 0 and c["diff"][1] < 0  # aurc_balanced: good is lower, significantly
+    same = compare(ms["good"], ms["copy"])
+    assert np.all(same["diff"] == 0) and np.all(same["lo"] == 0) and np.all(same["hi"] == 0)
 
 
-def test_choose_bold_identical_methods_never_bold():
-    data = _test_set(800, seed=4)
-    a = _method(data, 0.8, True, seed=5)
-    worse = _method(data, 0.5, False, seed=6)
-    values = {"A": _vals(data, a), "A copy": _vals(data, a), "worse": _vals(data, worse)}
-    arrays = {n: {0: _arrays(data, m)} for n, m in (("A", a), ("A copy", a), ("worse", worse))}
-    stats = {c.key: c.stat for c in T.default_columns(LEVELS)}
-    bold, tests = T.choose_bold(values, arrays, stats, n_boot=200)
-    assert all(v is None for v in bold.values())
-    assert tests["aurc_balanced"]["runner_up"] in ("A", "A copy")
-    # a single method: nothing to compare with
-    bold1, _ = T.choose_bold({"A": values["A"]}, {"A": arrays["A"]}, stats, n_boot=50)
-    assert all(v is None for v in bold1.values())
+def test_refit_statistics_equal_sweep_statistics_when_every_point_has_the_same_score():
+    """A curve whose every point is the same score is that score's sweep: same numbers, same
+    bootstrap resamples (so paired differences between the two protocols are exact)."""
+    from argse_cli.report.compare import method_stats
+
+    data = _test_set(600, seed=5)
+    m = _method(data, 0.8, True, seed=4)
+    refit = {v: (np.repeat(m["score"][None], Q, 0), np.repeat(m["pred"][None], Q, 0)) for v in ("lt", "bal")}
+    pooled = {("a", 0): _pooled(data, m, "a", refit=refit)}
+    r = method_stats(pooled, ["a"], "bal", "refit", LEVELS, 100)["a"]
+    s = method_stats(pooled, ["a"], "bal", "sweep", LEVELS, 100)["a"]
+    np.testing.assert_allclose(r.est, s.est, atol=1e-12)
+    np.testing.assert_allclose(r.samples, s.samples, atol=1e-12)
 
 
-def test_choose_bold_uses_first_common_seed_and_refuses_unpaired():
-    data = _test_set(400, seed=7)
-    other = _test_set(400, seed=8)
-    good = _method(data, 0.95, True, seed=1)
-    bad = _method(other, 0.5, False, seed=2)
-    values = {"good": _vals(data, good), "bad": _vals(other, bad)}
-    stats = {"aurc_balanced": "aurc_balanced"}
-    # no seed in common -> no bold
-    bold, tests = T.choose_bold(
-        values,
-        {"good": {0: _arrays(data, good)}, "bad": {1: _arrays(other, bad)}},
-        stats,
-        n_boot=50,
-    )
-    assert bold["aurc_balanced"] is None and "no common seed" in tests["aurc_balanced"]["reason"]
-    # common seed but different test rows -> the paired test is refused, no bold
-    bold, tests = T.choose_bold(
-        values,
-        {"good": {2: _arrays(data, good)}, "bad": {2: _arrays(other, bad)}},
-        stats,
-        n_boot=50,
-    )
-    assert bold["aurc_balanced"] is None and "refused" in tests["aurc_balanced"]["reason"]
+def test_pooling_over_folds_and_disjointness():
+    from argse_cli.report.compare import Result, check_disjoint, pool
+
+    d1, d2 = _test_set(200, seed=1), _test_set(300, seed=2)
+    m1, m2 = _method(d1, 0.8, True, 1), _method(d2, 0.8, True, 2)
+
+    def res(name, fold, d, m, src):
+        return Result(name, name, 0, "main", None, fold, fold,
+                      lambda: {**d, **m, "refit": None, "source_index": src})
+
+    rs = [res("A", "f1", d1, m1, np.arange(200)), res("A", "f2", d2, m2, np.arange(200, 500)),
+          res("B", "f1", d1, m1, np.arange(200))]
+    pooled, warnings = pool(rs, ["f1", "f2"])
+    assert set(pooled) == {("A", 0)} and len(pooled[("A", 0)].y) == 500
+    assert any("1 of 2 folds" in w for w in warnings)
+    assert check_disjoint(rs, ["f1", "f2"])["rows"] == {"f1": 200, "f2": 300}
+    bad = [res("A", "f1", d1, m1, np.arange(200)), res("A", "f2", d2, m2, np.arange(100, 400))]
+    with pytest.raises(AssertionError, match="share source image"):
+        check_disjoint(bad, ["f1", "f2"])
+
+
+def test_holm_adjustment():
+    from argse_cli.stages.report import _holm
+
+    assert _holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert _holm([0.5]) == [0.5]
 
 
 # ------------------------------------------------------------------------------ figures
@@ -365,61 +358,44 @@ def test_stage_module_is_light():
 
 
 def test_report_stage_files_and_numbers(report_art, tmp_path):
+    from argse_cli.metrics.refit import refit_stats
+
     art, raw = report_art
     files = set(art.manifest["files"])
-    for f in (
-        "main.tex",
-        "main_balanced.tex",
-        "refit.tex",
-        "refit_balanced.tex",
-        "ablations.tex",
-        "sensitivity.tex",
-        "summary.json",
-    ):
+    for f in ("main.tex", "main_balanced.tex", "sweep.tex", "sweep_balanced.tex", "ablations.tex",
+              "sensitivity.tex", "summary.json"):
         assert f in files, f
-    for stem in (
-        "rc_balanced_lt",
-        "rc_worst_lt",
-        "rc_balanced_bal",
-        "trajectories_ar-gse-balanced",
-        "trajectories_ar-gse-weak",
-        "margin_ar-gse-balanced",
-        "sensitivity_lt",
-    ):
+    for stem in ("rc_balanced_lt", "rc_worst_lt", "rc_balanced_bal", "trajectories_ar-gse-balanced",
+                 "trajectories_ar-gse-weak", "margin_ar-gse-balanced"):
         assert {f"{stem}.pdf", f"{stem}.png"} <= files, stem
         _check_files([art.file(f"{stem}.pdf"), art.file(f"{stem}.png")])
     main = art.file("main.tex").read_text()
-    assert "long-tailed weights" in main and "Sweep view" in main and "0.01, 0.02" in main
+    assert "long-tailed weights" in main and "Refit view" in main and "0.01, 0.02" in main
     assert "balanced weights" in art.file("main_balanced.tex").read_text()
-    assert "Refit view" in art.file("refit.tex").read_text()
+    assert "Sweep view" in art.file("sweep.tex").read_text()
     rows = _body_rows(main)
     assert [r.split(" & ")[0] for r in rows] == ["AR-GSE (balanced)", r"AR-GSE\_weak", "Chow"]
     assert all(r.rstrip(" \\").endswith("& 2") for r in rows)  # two seeds each
-    assert "$\\pm$" in rows[0]
-    # the informative AR-GSE beats the uninformative one by a wide margin: bold balanced AURC
     s = art.json("summary.json")
-    t = s["tables"]["main_lt"]
+    t = s["tables"]["refit_lt"]
     assert t["bold"]["aurc_balanced"] == "AR-GSE (balanced)"
-    assert rows[0].count("\\textbf") >= 1 and "\\textbf" not in rows[1]
-    # summary numbers are the inputs' numbers (mean over the 2 seeds)
-    want = [raw[("AR-GSE (balanced)", sd)]["views"]["lt"]["aurc"]["balanced"] for sd in (0, 1)]
+    # the refit-view numbers are the refitted curves' statistics, per seed
+    data = _test_set()
+    want = [refit_stats(*raw[("AR-GSE (balanced)", sd, "refit")], data["y"], data["class_to_group"], data["w_lt"],
+                        levels=LEVELS)["aurc_balanced"] for sd in (0, 1)]
     cell = t["rows"]["AR-GSE (balanced)"]["aurc_balanced"]
-    assert cell["values"] == want and cell["seeds"] == [0, 1]
-    assert cell["mean"] == pytest.approx(np.mean(want))
-    assert cell["std"] == pytest.approx(np.std(want, ddof=1))
-    wb = [
-        raw[("AR-GSE_weak", sd)]["views"]["bal"]["errors_at_coverage"]["worst"][1] for sd in (0, 1)
-    ]
-    assert s["tables"]["main_bal"]["rows"]["AR-GSE_weak"]["worst_error@0.8"]["values"] == wb
-    assert T.fmt_mean_std(want) in rows[0]
-    # refit: hand-set values 0.1 + 0.7 / 10 for both seeds -> 0.170, no std
-    assert s["tables"]["refit_lt"]["rows"]["AR-GSE (balanced)"]["balanced_error@0.7"]["mean"] == (
-        pytest.approx(0.17)
-    )
+    assert cell["values"] == pytest.approx(want) and cell["seeds"] == [0, 1]
+    assert cell["mean"] == pytest.approx(np.mean(want)) and cell["std"] == pytest.approx(np.std(want, ddof=1))
+    assert cell["ci"][0] <= cell["mean"] <= cell["ci"][1]
+    # Chow has nothing to refit: its refit-view row is its sweep curve
+    chow = t["rows"]["Chow"]["aurc_worst"]["values"]
+    assert chow == pytest.approx([raw[("Chow", "baseline", None, sd)]["views"]["lt"]["aurc"]["worst"] for sd in (0, 1)])
+    sw = s["tables"]["sweep_bal"]["rows"]["AR-GSE_weak"]["worst_error@0.8"]["values"]
+    assert sw == pytest.approx([raw[("AR-GSE_weak", sd)]["views"]["bal"]["errors_at_coverage"]["worst"][1]
+                                for sd in (0, 1)])
     abl = _body_rows(art.file("ablations.tex").read_text())
     assert any(r.startswith("AR-GSE [no gate]") for r in abl)
-    sens = _body_rows(art.file("sensitivity.tex").read_text())
-    assert [r.split(" & ")[1] for r in sens] == ["c=0.1", "c=0.2"]
+    assert s["folds"]["n_folds"] == 1
     assert json.dumps(s)  # JSON-clean (no NaN)
 
 
@@ -436,7 +412,7 @@ def test_pdflatex_compiles(report_art, tmp_path):
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex not installed (install TeX Live with booktabs to run this check)")
     art, _ = report_art
-    body = "\n".join(art.file(f).read_text() for f in ("main.tex", "refit.tex", "sensitivity.tex"))
+    body = "\n".join(art.file(f).read_text() for f in ("main.tex", "sweep.tex", "sensitivity.tex"))
     (tmp_path / "doc.tex").write_text(T.standalone_document(body))
     res = subprocess.run(
         ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],

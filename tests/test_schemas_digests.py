@@ -71,21 +71,37 @@ def test_recorded_digests_match_the_code():
     assert digests.problems() == []
 
 
-def test_every_code_pattern_names_an_existing_file():
-    from argse_cli.stages import STAGE_MODULES, get_stage
+def test_code_set_is_the_import_closure_of_the_stage_module():
+    """Each stage's code set holds its module, the modules it imports lazily inside functions, and
+    what those import in turn (static, via ast)."""
+    from argse_cli.stages import STAGE_MODULES
 
-    for stage in STAGE_MODULES:
-        try:
-            mod = get_stage(stage)
-        except ModuleNotFoundError:
-            continue
-        for pattern in mod.CODE:
-            assert list(digests.PKG.glob(pattern)), (
-                f"{stage}: CODE entry {pattern!r} matches nothing"
-            )
-        assert f"stages/{STAGE_MODULES[stage]}.py" in {
-            str(p.relative_to(digests.PKG)) for p in digests.code_files(stage)
-        }, f"{stage}: its own module is not in CODE"
+    files = {st: {str(p.relative_to(digests.PKG)) for p in digests.code_files(st)} for st in STAGE_MODULES}
+    for st, mod in STAGE_MODULES.items():
+        assert f"stages/{mod}.py" in files[st]
+    # lazy imports inside compute() and, transitively, what the core imports
+    assert {"core/plugin_fit.py", "core/gate_fit.py", "core/rule.py", "evaluation.py"} <= files["train-gate"]
+    assert {"metrics/refit.py", "metrics/bootstrap.py", "report/figures.py", "stages/train_gate.py"} <= files["eval"]
+    assert {"report/compare.py", "metrics/bootstrap.py"} <= files["report"]
+    assert {"metrics/selective.py", "experts/calibration.py", "core/plugin_fit.py"} <= files["baselines"]
+
+
+@pytest.mark.parametrize("stage", ["train-gate", "eval", "baselines", "report", "calibrate"])
+def test_editing_a_file_deep_in_the_closure_changes_the_digest(tmp_path, monkeypatch, stage):
+    """Edit, in a temp copy of the package, the file farthest from the stage module in its import
+    graph (a file the stage module does not import itself): the stage's digest changes."""
+    pkg = tmp_path / "argse_cli"
+    shutil.copytree(digests.PKG, pkg, ignore=shutil.ignore_patterns("__pycache__"))
+    monkeypatch.setattr(digests, "PKG", pkg)
+    from argse_cli.stages import STAGE_MODULES
+
+    start = pkg / "stages" / f"{STAGE_MODULES[stage]}.py"
+    direct = digests._imports(start)
+    deep = [p for p in digests.closure(start) if p not in direct and p != start]
+    assert deep, f"{stage}: nothing beyond its direct imports"
+    d0 = digests.stage_digest(stage)
+    deep[-1].write_text(deep[-1].read_text() + "\n# edited\n")
+    assert digests.stage_digest(stage) != d0
 
 
 @pytest.fixture
@@ -112,7 +128,7 @@ def test_changed_code_under_the_same_version_is_reported(pkg_copy, monkeypatch):
     rec = digests.recorded()
     assert set(rec) == {"split"} and rec["split"]["version"] == get_stage("split").VERSION
     assert digests.problems() == []
-    f = pkg_copy / "data" / "longtail.py"  # a file the split stage lists in CODE
+    f = pkg_copy / "data" / "longtail.py"  # a file in the split stage's import closure
     original = f.read_bytes()
     f.write_bytes(original.replace(b"\n", b"\r\n"))  # line endings alone are not a change
     assert digests.problems() == []
@@ -123,7 +139,7 @@ def test_changed_code_under_the_same_version_is_reported(pkg_copy, monkeypatch):
     assert digests.recorded() == rec
     # an unrelated file does not count
     f.write_bytes(original)
-    (pkg_copy / "rejector.py").write_bytes(b"# unrelated\n")
+    (pkg_copy / "sag.py").write_bytes(b"# unrelated\n")
     assert digests.problems() == []
     # bump VERSION: reported as unrecorded until `make digests`, then clean
     f.write_bytes(original + b"\n# a behaviour change\n")

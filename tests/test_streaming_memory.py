@@ -9,18 +9,14 @@ Python data; RssAnon above the post-import baseline) must obey the stated bound
     peak <= FIXED + PER_ROW * N,   FIXED = 6 * R * E * C * 4 B + 64 MiB,   PER_ROW = 512 B,
 
 R = buffer_chunks * chunk_rows: at most ~6 float32 copies of the resident buffer (fp16 blocks,
-their concatenation, the float32 cast and apply_calibration's temporaries) plus the O(N K) rule
-refit statistics (per-group max / argmax / sum of the mixture, y, w, and the fit's [N, K]
-temporaries). PER_ROW * N is < 1/3 of what holding tuneV as float32 posteriors would take
+their concatenation, the float32 cast and apply_calibration's temporaries) plus O(N) per-row
+bookkeeping. PER_ROW * N is < 1/3 of what holding tuneV as float32 posteriors would take
 (E * C * 4 = 1600 B/row), so the test fails if the stream is ever materialised.
 
-Each N runs in a fresh process with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB. With glibc's dynamic
-threshold the RssAnon peak grows with N although live data does not: the rule refit
-(``gate_train.rule_row_stats``) keeps small per-batch tensors that get carved out of the holes
-the freed per-batch [B, E, C] tensors leave, so every batch needs fresh heap (fragmentation).
-That case is measured too (the refit preallocates its statistics, so it holds). To keep the run short the rule
-refit uses one target coverage (0.8) instead of the 10-point coverage search; the streaming path
-is unchanged.
+Each N runs in a fresh process with MALLOC_MMAP_THRESHOLD_ fixed at 64 KiB, and once with glibc's
+dynamic threshold (fragmentation would make RssAnon grow with N although live data does not).
+``fit_gate`` is the gate's training (the streamed epochs and the val_small criterion); the rule
+fit that follows in the stage reads tuneV once more in the same chunks (``gate_views``).
 """
 
 from __future__ import annotations
@@ -44,25 +40,23 @@ MMAP = 64 * 1024
 
 WORKER = r"""
 import gc, json, sys, time, tracemalloc
-from dataclasses import replace
 from pathlib import Path
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/bench")
 import torch
+import argse_cli.core.expert_data as ed
 import argse_cli.stages.train_gate as tg
 from argse_cli.config import TrainGateConfig
 from argse_cli.store import Store
 from bench_gate_stream import PeakSampler, rss_anon_mib, warm_imports
 torch.set_num_threads(1)
 srcs = []
-class Rec(tg.ZarrSource):
+class Rec(ed.ZarrSource):
     def __init__(self, *a, **k):
         super().__init__(*a, **k); srcs.append(self)
-tg.ZarrSource = Rec
-orig = tg.recipe_from_config
-tg.recipe_from_config = lambda cfg: replace(orig(cfg), target_coverage=0.8)
+ed.ZarrSource = Rec
 st = Store(sys.argv[2])
 exp, cal = st.open("export-logits", sys.argv[3]), st.open("calibrate", sys.argv[4])
-cfg = TrainGateConfig(epochs=1, tau_warmup_epochs=0, patience=1, buffer_chunks=int(sys.argv[5]))
+cfg = TrainGateConfig(epochs=1, patience=1, buffer_chunks=int(sys.argv[5])).resolved()
 warm_imports()
 gc.collect()
 base = rss_anon_mib()

@@ -41,7 +41,7 @@ PIPE = {
         "decoupled_epochs": 1,
     },
     "export_logits": {"chunk_rows": 64, "device": "cpu"},
-    "train_gate": {"epochs": 3, "tau_warmup_epochs": 1, "patience": 2, "batch_size": 64},
+    "train_gate": {"epochs": 3, "patience": 2, "batch_size": 64},
     "eval": {"n_boot": 10},
     "baselines": {"n_boot": 0, "gate_epochs": 2, "T": 2},
     "report": {"formats": ["png"]},
@@ -335,10 +335,10 @@ class _FakeExecutor:
                 self.fail[r.key] -= 1
                 errs.append("boom")
                 continue
-            from argse_cli.stages import get_stage
+            from argse_cli.stages import _resolved, get_stage
 
             with self.store.writer(
-                r.stage, r.key, config=r.config.key_payload(), upstream=r.upstream,
+                r.stage, r.key, config=_resolved(r.config).key_payload(), upstream=r.upstream,
                 upstream_stages=r.upstream_stages, version=get_stage(r.stage).VERSION,
                 extra=r.extra,
             ):  # fmt: skip

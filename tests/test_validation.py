@@ -19,22 +19,22 @@ from argse_cli.pipeline import Pipeline, validate
 
 # (stage, field value pairs, the field the one-line error names, a word of the problem)
 REFUSED = [
-    ("eval", {"levels": [1.5]}, "eval.levels.0", "less than or equal to 1"),
-    ("eval", {"levels": [0.0]}, "eval.levels.0", "greater than 0"),
-    ("eval", {"levels": []}, "eval.levels", "at least 1"),
-    ("eval", {"refit_grid": [0.0]}, "eval.refit_grid.0", "greater than 0"),
+    ("eval", {"levels": [1.5]}, "eval.levels", "grid 0.01, 0.02, ..., 1.00"),
+    ("eval", {"levels": [0.0]}, "eval.levels", "grid 0.01, 0.02, ..., 1.00"),
+    ("eval", {"levels": []}, "eval.levels", "grid 0.01, 0.02, ..., 1.00"),
+    ("eval", {"levels": [0.555]}, "eval.levels", "grid 0.01, 0.02, ..., 1.00"),
     ("eval", {"human_noise": [1.5]}, "eval.human_noise.0", "less than or equal to 1"),
     ("eval", {"human_noise": [-0.1]}, "eval.human_noise.0", "greater than or equal to 0"),
     ("eval", {"n_boot": True}, "eval.n_boot", "boolean"),
     ("eval", {"seed": 2**32 - 1}, "eval.seed", "less than"),
-    ("baselines", {"levels": [1.5]}, "baselines.levels.0", "less than or equal to 1"),
+    ("baselines", {"levels": [1.5]}, "baselines.levels", "grid 0.01, 0.02, ..., 1.00"),
     ("baselines", {"seeds": [2**40]}, "baselines.seeds.0", "less than 4294967296"),
     ("baselines", {"seeds": []}, "baselines.seeds", "at least 1"),
     ("baselines", {"seeds": [True]}, "baselines.seeds", "boolean"),
-    ("train-gate", {"hidden": [0]}, "train_gate.hidden.0", "greater than or equal to 1"),
-    ("train-gate", {"hidden": [-3]}, "train_gate.hidden.0", "greater than or equal to 1"),
-    ("train-gate", {"experts": []}, "train_gate.experts", "at least 1"),
-    ("train-gate", {"experts": [-1]}, "train_gate.experts.0", "greater than or equal to 0"),
+    ("train-gate", {"hidden": [0]}, "train_gate.hidden", "every hidden width must be >= 1"),
+    ("train-gate", {"hidden": [-3]}, "train_gate.hidden", "every hidden width must be >= 1"),
+    ("train-gate", {"experts": []}, "train_gate.experts", "at least one"),
+    ("train-gate", {"experts": [-1]}, "train_gate.experts", "distinct indices >= 0"),
     ("train-gate", {"experts": [1, 1]}, "train_gate.experts", "distinct"),
     ("train-gate", {"epochs": True}, "train_gate.epochs", "boolean"),
     ("train-gate", {"epochs": 2.0}, "train_gate.epochs", "integer"),
@@ -62,7 +62,7 @@ def test_bad_values_are_refused_by_the_config_model(stage, data, field, word):
 
 
 @pytest.mark.parametrize("stage,data", [
-    ("eval", {"levels": [1.0], "refit_grid": [1.0], "human_noise": [0.0, 1.0]}),
+    ("eval", {"levels": [1.0, 0.01], "human_noise": [0.0, 1.0]}),
     ("train-gate", {"hidden": [], "experts": [0, 2], "seed": 2**32 - 1, "lr_gate": 1}),
     ("baselines", {"seeds": [0, 2**32 - 1]}),
     ("split", {"imbalance_factor": 10}),  # an int where a float is expected is fine
@@ -92,8 +92,8 @@ def test_cli_set_and_option_errors_are_one_line(tmp_path):
     cases = [
         (["train-expert", "--set", "losses=5"], ["train_expert.losses"]),
         (["train-expert", "--set", "seed=99999999999999999999999"], ["train_expert.seed"]),
-        (["train-gate", "--set", "hidden=[-3]"], ["train_gate.hidden.0"]),
-        (["eval", "--set", "levels=[1.5]"], ["eval.levels.0"]),
+        (["train-gate", "--set", "hidden=[-3]"], ["train_gate.hidden"]),
+        (["eval", "--set", "levels=[1.5]"], ["eval.levels"]),
         (["baselines", "--seeds", "a,b"], ["--seeds", "comma list of integers"]),
     ]
     for args, words in cases:

@@ -34,8 +34,15 @@ __all__ = [
 ]
 
 
+WEIGHT_FLOOR = 1e-12
+"""The weights' domain: finite, >= 0; a subnormal weight, or one below WEIGHT_FLOOR x the largest
+weight, counts as 0 (it would underflow when a tie block is accepted fractionally, and a group's
+error would jump between 0 and 1 along the curve)."""
+
+
 def _weights(w: Any, n: int) -> np.ndarray:
-    """float64 weights [n]; ``None`` -> ones. Rejects negative or non-finite weights."""
+    """float64 weights [n]; ``None`` -> ones. Rejects negative or non-finite weights; subnormal
+    weights and weights below ``WEIGHT_FLOOR * max(w)`` are set to 0 (the documented domain)."""
     if w is None:
         return np.ones(n, dtype=np.float64)
     w = np.asarray(w, dtype=np.float64).reshape(-1)
@@ -43,6 +50,9 @@ def _weights(w: Any, n: int) -> np.ndarray:
         raise ValueError(f"w has {w.shape[0]} entries, expected {n}")
     if not np.all(np.isfinite(w)) or np.any(w < 0):
         raise ValueError("weights must be finite and >= 0")
+    floor = max(WEIGHT_FLOOR * float(w.max(initial=0.0)), np.finfo(np.float64).tiny)
+    if np.any((w > 0) & (w < floor)):
+        w = np.where(w < floor, 0.0, w)
     return w
 
 

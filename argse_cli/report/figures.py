@@ -20,6 +20,7 @@ __all__ = [
     "plot_margin_hist",
     "plot_rc_curves",
     "plot_sensitivity",
+    "plot_training",
     "plot_trajectories",
 ]
 
@@ -256,6 +257,42 @@ def plot_trajectories(
         ax.legend(fontsize=7)
     head = f"{title}: " if title else ""
     fig.suptitle(f"{head}gate training trajectories, {_view_title(view)}", fontsize=11)
+    return _save(fig, path_stem, formats)
+
+
+def plot_training(
+    history: Mapping[str, Sequence[Any]],
+    path_stem: Path,
+    formats: Sequence[str] = ("pdf", "png"),
+    *,
+    chosen_epoch: int | None = None,
+) -> list[Path]:
+    """Gate training per epoch: the training loss and the epoch-selection criterion on val_small
+    (the NLL or the soft selective risk); the selective recipe's alpha_k are added when recorded."""
+    ep = np.asarray(history["epoch"], dtype=np.float64) + 1
+    alpha = _per_epoch(history, "alpha")
+    fig, axes = _new_figure((9.6, 3.4), 1, 3 if alpha is not None else 2)
+    axes = np.atleast_1d(axes).ravel()
+    axes[0].plot(ep, np.asarray(history["loss"], float), color="C0")
+    axes[0].set_ylabel("training loss (nats)")
+    axes[0].set_title("training objective", fontsize=10)
+    crit = np.asarray(history["val_criterion"], float)
+    axes[1].plot(ep, crit, color="C1")
+    best = int(np.argmin(crit)) if chosen_epoch is None else chosen_epoch
+    axes[1].axvline(ep[best], color="0.5", lw=1.0, ls=":", label=f"chosen epoch {int(ep[best])}")
+    axes[1].set_ylabel("criterion on val_small")
+    axes[1].set_title("epoch-selection criterion", fontsize=10)
+    axes[1].legend(fontsize=7)
+    if alpha is not None:
+        for k in range(alpha.shape[1]):
+            axes[2].plot(ep, alpha[:, k], color=f"C{k}", label=rf"$\alpha_{k}$")
+        axes[2].set_ylabel(r"$\alpha_k$ (dimensionless)")
+        axes[2].set_title("selective recipe: learned alpha", fontsize=10)
+        axes[2].legend(fontsize=7)
+    for ax in axes:
+        ax.set_xlabel("epoch")
+        ax.grid(True, alpha=0.3)
+    fig.suptitle("gate training", fontsize=11)
     return _save(fig, path_stem, formats)
 
 

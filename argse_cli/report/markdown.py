@@ -1,21 +1,27 @@
-"""Render a report artifact as Markdown (``docs/RESULTS.md``): every number comes from the store.
+"""Render a report artifact as one section of ``docs/RESULTS.md``: every number comes from the store.
 
 ``python -m argse_cli.report.markdown REPORT_KEY [--protocol protocol.json] [--store DIR]
-[--command "make results-c100lt"]`` prints the document: the main tables (sweep view, long-tailed
-and balanced weights) as mean +- std over seeds with the first seed's bootstrap 95% CI, the refit
-view, paired-bootstrap comparisons of AR-GSE with U-PI and SB-PI, per-split group counts and the
-metric convention.
+[--command "make results-c100lt"] [--section NAME --into docs/RESULTS.md]`` prints the section, or
+replaces the block between ``<!-- section:NAME -->`` and ``<!-- /section:NAME -->`` of the file
+(appending it when absent), so several datasets share one document.
+
+A section holds: the protocol in one paragraph, the data's provenance and caveats, head / tail
+counts per split and fold, the experts' class-balanced accuracy, the refit-view main tables (mean
++- std over seeds, the seed-mean's bootstrap 95% CI), the verdict of the paired comparisons (with
+Holm's correction), the sweep-view and ablation tables, and the wall time of each stage.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import subprocess
 from pathlib import Path
 from typing import Any
 
 VIEW_NAME = {"lt": "long-tailed weights (w_lt)", "bal": "balanced weights (w_bal)"}
+STAT_NAME = {"aurc_balanced": "balanced AURC", "aurc_worst": "worst-group AURC", "aurc_standard": "standard AURC"}
 
 
 def _fmt(m: Any, s: Any) -> str:
@@ -24,167 +30,160 @@ def _fmt(m: Any, s: Any) -> str:
     return f"{m:.4f}" if not s or s < 5e-5 else f"{m:.4f} ± {s:.4f}"
 
 
-def _boot_of(report_art: Any) -> dict[tuple[str, str], dict]:
-    """(method, view) -> bootstrap stats of the method's first seed."""
-    out: dict[tuple[str, str], dict] = {}
-    for role in ("evals", "baselines"):
-        for a in report_art.upstream(role) if role in report_art.upstream_keys else []:
-            if a.stage == "eval":
-                m = a.json("metrics.json")
-                items = [(m["method"], m.get("seed"), m["sweep"])]
-            else:
-                items = [(r["method"] + (f" [{r['setting']}]" if r.get("group") == "ablation" and r.get("setting")
-                                         else ""), r.get("seed"), r["sweep"])
-                         for r in a.json("baselines.json")["results"]]
-            for name, _seed, sweep in items:
-                for view, d in sweep["views"].items():
-                    if "bootstrap" in d and (name, view) not in out:
-                        out[(name, view)] = d["bootstrap"]["stats"]
-    return out
-
-
-def _table(tab: dict, boot: dict, view: str, ci_cols: tuple[str, ...]) -> list[str]:
-    cols = tab["columns"]
-    head = ["method"]
-    for c in cols:
-        head.append(c)
-        if c in ci_cols:
-            head.append(f"{c} 95% CI (first seed)")
+def _table(tab: dict, levels: list[float]) -> list[str]:
+    cols = ["aurc_balanced", "aurc_worst"] + [f"balanced_error@{lv:g}" for lv in levels] + \
+        [f"worst_error@{lv:g}" for lv in levels]
+    head = ["method", "seeds", "bal. AURC", "95% CI", "worst AURC", "95% CI",
+            *[f"bal. err @{lv:g}" for lv in levels], *[f"worst err @{lv:g}" for lv in levels]]
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
     for name, row in tab["rows"].items():
-        cells = [name]
+        cells = [name, str(len(row[cols[0]]["seeds"]))]
         for c in cols:
             cell = _fmt(row[c]["mean"], row[c]["std"])
             if tab.get("bold", {}).get(c) == name:
                 cell = f"**{cell}**"
             cells.append(cell)
-            if c in ci_cols:
-                st = boot.get((name, view), {}).get(c)
-                cells.append(f"[{st['lo']:.4f}, {st['hi']:.4f}]" if st else "–")
+            if c.startswith("aurc"):
+                lo, hi = row[c]["ci"]
+                cells.append(f"[{lo:.4f}, {hi:.4f}]")
         lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
-def _comparisons(report_art: Any, view: str) -> list[str]:
-    """Paired bootstrap (first shared seed) of AR-GSE (balanced) against U-PI and SB-PI."""
-    from ..metrics import paired_bootstrap_diff
+def _verdict(doc: dict) -> list[str]:
+    rows = doc.get("comparisons") or []
+    if not rows:
+        return []
+    v = doc["verdict"]
+    n_a = len({r["a"] for r in rows})
+    out = [f"**Verdict.** {v['n']} paired comparisons (AR-GSE's {n_a} variant(s) against U-PI, SB-PI, "
+           "Plug-in[Worst] and the CS-plug-in of each expert; balanced and worst-group AURC of the refit view; "
+           "both views): after Holm's correction over all of them, AR-GSE is significantly better in "
+           f"{v['wins']} and significantly worse in {v['losses']}; the rest are not significant "
+           f"(uncorrected 95% CIs: {v['wins_raw']} better, {v['losses_raw']} worse)."]
+    for a in sorted({r["a"] for r in rows}):
+        beats = sorted({r["b"] for r in rows if r["a"] == a and r["outcome_holm"] == "win"})
+        loses = sorted({r["b"] for r in rows if r["a"] == a and r["outcome_holm"] == "loss"})
+        if beats:
+            out.append(f"- {a} significantly beats (in at least one metric and view): {', '.join(beats)}.")
+        if loses:
+            out.append(f"- {a} is significantly beaten by (in at least one metric and view): {', '.join(loses)}.")
+        if not beats and not loses:
+            out.append(f"- {a}: no significant difference to any of them.")
+    out += ["", "| A | B | view | metric | A − B | 95% CI | p (bootstrap) | p (Holm) | outcome |",
+            "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        out.append(f"| {r['a']} | {r['b']} | {r['view']} | {STAT_NAME.get(r['stat'], r['stat'])} | "
+                   f"{r['diff']:+.4f} | [{r['lo']:+.4f}, {r['hi']:+.4f}] | {r['p']:.3f} | {r['p_holm']:.3f} | "
+                   f"{r['outcome_holm']} |")
+    return out
 
-    arrays: dict[str, dict] = {}
-    for a in report_art.upstream("evals") if "evals" in report_art.upstream_keys else []:
-        m = a.json("metrics.json")
-        if m["method"] not in arrays:
-            arrays[m["method"]] = {k: a.array(f"test/{k}") for k in ("score", "pred", "y", "w_lt", "w_bal")}
-            arrays[m["method"]]["c2g"] = a.array("class_to_group")
-    for b in report_art.upstream("baselines") if "baselines" in report_art.upstream_keys else []:
-        res = b.json("baselines.json")["results"]
-        shared = {k: b.array(f"test/{k}") for k in ("y", "w_lt", "w_bal")}
-        for r in res:
-            if r["method"] in ("U-PI", "SB-PI") and r["method"] not in arrays:
-                arrays[r["method"]] = {"score": b.array(f"m/{r['slug']}/score"), "pred": b.array(f"m/{r['slug']}/pred"),
-                                       **shared, "c2g": b.array("class_to_group")}
-    rows = []
-    w = "w_lt" if view == "lt" else "w_bal"
-    for a_name in ("AR-GSE (balanced)", "AR-GSE (worst)"):
-        if a_name not in arrays:
+
+def _counts(protocol: dict) -> list[str]:
+    c = protocol.get("counts")
+    if not c:
+        return []
+    if isinstance(c, dict):  # one set of splits
+        c = [c]
+    head = ["fold" if len(c) > 1 else "set"] + [f"{s} (head / tail)" for s in c[0]]
+    lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for k, fold in enumerate(c):
+        lines.append("| " + " | ".join([str(k)] + [f"{h} / {t}" for h, t in fold.values()]) + " |")
+    return lines
+
+
+def _experts(protocol: dict) -> list[str]:
+    ex = protocol.get("experts")
+    if not ex:
+        return []
+    lines = ["| expert | class-balanced accuracy | head | tail | rows |", "|---|---|---|---|---|"]
+    for e in ex:
+        lines.append(f"| {e['name']} | {e['balanced_acc']:.4f} | {e['group_acc'][0]:.4f} | "
+                     f"{e['group_acc'][-1]:.4f} | {e['rows']} |")
+    return lines
+
+
+def _wall_times(report_art: Any) -> list[str]:
+    """Seconds spent per stage over every artifact upstream of the report (manifests' duration)."""
+    seen: set[str] = set()
+    tot: dict[str, list[float]] = {}
+    todo = [report_art]
+    while todo:
+        a = todo.pop()
+        if a.key in seen:
             continue
-        A = arrays[a_name]
-        for b_name in ("U-PI", "SB-PI"):
-            if b_name not in arrays:
-                continue
-            B = arrays[b_name]
-            d = paired_bootstrap_diff((A["score"], A["pred"], A["y"], A["c2g"], A[w]),
-                                      (B["score"], B["pred"], B["y"], B["c2g"], B[w]), n_boot=1000, seed=0, view=view)
-            for stat in ("aurc_balanced", "aurc_worst"):
-                s = d["stats"][stat]
-                outcome = "win" if s["hi"] < 0 else "loss" if s["lo"] > 0 else "tie"
-                rows.append({"stat": stat, "view": view, "a": a_name, "b": b_name, "outcome": outcome,
-                             "diff": s["diff"], "lo": s["lo"], "hi": s["hi"]})
-    return rows
+        seen.add(a.key)
+        tot.setdefault(a.stage, []).append(float(a.manifest.get("duration_s") or 0.0))
+        for role in a.upstream_keys:
+            ups = a.upstream(role)
+            todo += ups if isinstance(ups, list) else [ups]
+    lines = ["| stage | artifacts | total (s) | mean (s) |", "|---|---|---|---|"]
+    for st, v in sorted(tot.items(), key=lambda kv: -sum(kv[1])):
+        lines.append(f"| {st} | {len(v)} | {sum(v):.0f} | {sum(v) / len(v):.1f} |")
+    lines.append(f"| all | {sum(len(v) for v in tot.values())} | {sum(map(sum, tot.values())):.0f} | |")
+    return lines
 
 
-def _comparison_line(r: dict) -> str:
-    a, b = r["a"], r["b"]
-    verdict = {"win": f"{a} beats {b}", "loss": f"{b} beats {a}"}.get(
-        r["outcome"], f"no significant difference ({a} vs {b})")
-    return (f"- {r['stat']} ({VIEW_NAME[r['view']]}): {a} − {b} = {r['diff']:+.4f}, "
-            f"95% CI [{r['lo']:+.4f}, {r['hi']:+.4f}] → {verdict}")
-
-
-def _verdict(rows: list[dict]) -> list[str]:
-    """One paragraph counting the paired comparisons; 'AR-GSE beats U-PI and SB-PI' is claimed for a
-    (metric, view) only when one AR-GSE variant's CI of the difference excludes 0 against both."""
-    def name(r: dict) -> str:
-        return f"{r['a']} vs {r['b']}, {r['stat']}, {VIEW_NAME[r['view']]}"
-
-    wins = [r for r in rows if r["outcome"] == "win"]
-    losses = [r for r in rows if r["outcome"] == "loss"]
-    both = sorted({(r["a"], r["stat"], r["view"]) for r in wins
-                   if {w["b"] for w in wins if (w["a"], w["stat"], w["view"]) == (r["a"], r["stat"], r["view"])}
-                   >= {"U-PI", "SB-PI"}})
-    text = (f"**Verdict.** Of {len(rows)} paired comparisons (AURC differences, 95% paired-bootstrap CI), "
-            f"AR-GSE is significantly better in {len(wins)}" + (f" ({'; '.join(map(name, wins))})" if wins else "")
-            + f", significantly worse in {len(losses)}" + (f" ({'; '.join(map(name, losses))})" if losses else "")
-            + f", and not significantly different in {len(rows) - len(wins) - len(losses)}. ")
-    if both:
-        text += "AR-GSE beats both U-PI and SB-PI for: " + "; ".join(
-            f"{a}, {stat}, {VIEW_NAME[v]}" for a, stat, v in both) + "."
-    else:
-        text += "**AR-GSE does not beat U-PI and SB-PI on this data** (no metric and view where one AR-GSE variant is significantly better than both)."
-    return [text]
+def _git() -> str:
+    try:
+        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                                timeout=5).stdout.strip() or "unknown"
+        dirty = bool(subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                                    text=True, timeout=5).stdout.strip())
+    except OSError:
+        return "commit unknown"
+    return f"commit `{commit}`" + (" (working tree dirty)" if dirty else " (clean)")
 
 
 def render(report_art: Any, protocol: dict | None, command: str) -> str:
     from ..metrics import AURC_CONVENTION
 
     doc = report_art.json("summary.json")
-    boot = _boot_of(report_art)
-    try:
-        commit = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
-                                timeout=5).stdout.strip()
-    except OSError:
-        commit = "unknown"
-    out = [f"# Results: {doc.get('title', 'argse')}", "",
-           f"Generated by `{command}` (report artifact `{report_art.key[:16]}`, commit `{commit}`); "
-           "nothing below is typed by hand.", "",
-           "**Metric convention.** " + AURC_CONVENTION, "",
-           "Group-balanced error = mean over head/tail groups of the error among accepted samples of the group; "
-           "worst-group error = the max; a group with no accepted sample counts as error 1.0. Cells: mean ± std "
-           "over gate seeds (deterministic baselines do not vary); the CI column is the class-stratified "
-           "bootstrap 95% interval (1,000 resamples) of the first seed. Bold: best mean whose paired-bootstrap "
-           "CI of the difference to the runner-up excludes 0. Nothing is tuned on test.", "",
-           "**Commands** (`scripts/results_c100lt.sh`, run by `make results-c100lt`): "
-           "`python -m argse_cli.data.c100lt NPZ build/c100lt` (clean protocol) → `argse import-logits` → "
-           "`argse calibrate` → for seeds 42–46: `argse train-gate --beta balanced` and "
-           "`--beta worst --xi 1.0`, `argse eval` on each → `argse baselines` → `argse report` → "
-           "`python -m argse_cli.report.markdown REPORT_KEY`. Views: *sweep* (each rule fitted once on "
-           "validation, threshold swept over its margin on test) and *refit* (alpha, mu refitted on tuneV "
-           "at each coverage, lambda chosen on val_small).", ""]
-    if protocol:
-        out += ["## Splits (clean protocol)", "",
-                f"val_lt: {protocol['val_lt_rows']} rows → {protocol['val_lt_distinct']} distinct images; "
-                f"test_lt: {protocol['test_lt_rows']} rows → {protocol['test_lt_distinct']} distinct, minus "
-                f"{protocol['test_dropped_shared_with_val']} images shared with val_lt.", "",
-                "| split | head | tail |", "|---|---|---|"]
-        out += [f"| {s} | {c[0]} | {c[1]} |" for s, c in protocol["counts"].items()]
+    proto = protocol or {}
+    levels = doc.get("levels", [0.7, 0.8, 0.9])
+    out = [f"## {doc.get('title', 'argse')}", "",
+           f"Generated by `{command}` (report artifact `{report_art.key[:16]}`, {_git()}); nothing below is "
+           "typed by hand.", ""]
+    out += ["**Protocol.** " + (proto.get("text") or ""), "",
+            "**Metric convention.** " + AURC_CONVENTION + " Group-balanced error = mean over the head and tail "
+            "groups of the error among accepted samples of the group; worst-group error = the max; a group with "
+            "no accepted sample counts as 1.0. Cells: mean ± std over gate seeds (deterministic baselines do not "
+            f"vary). CI: {doc['bootstrap']['method']} ({doc['bootstrap']['n_boot']} resamples, 95%). Bold: the "
+            "best mean whose paired-bootstrap CI of the difference to the runner-up lies below 0.", ""]
+    for cav in proto.get("caveats", []):
+        out.append(f"- {cav}")
+    if proto.get("caveats"):
         out.append("")
-    for key, title in (("main_lt", "Sweep view, long-tailed weights (main table)"),
-                       ("main_bal", "Sweep view, balanced weights"),
-                       ("refit_lt", "Refit view, long-tailed weights"), ("refit_bal", "Refit view, balanced weights")):
-        tab = doc["tables"].get(key)
-        if not tab:
-            continue
-        view = "lt" if key.endswith("lt") else "bal"
-        out += [f"## {title}", ""]
-        out += _table(tab, boot, view, ("aurc_balanced", "aurc_worst") if key.startswith("main") else ())
-        out.append("")
-    rows = {view: _comparisons(report_art, view) for view in ("lt", "bal")}
-    if any(rows.values()):
-        out += ["## Does AR-GSE beat U-PI and SB-PI?", "", *_verdict(rows["lt"] + rows["bal"]), ""]
-    for view in ("lt", "bal"):
-        if rows[view]:
-            out += [f"## AR-GSE against U-PI and SB-PI ({VIEW_NAME[view]}; paired bootstrap, first seed)", "",
-                    *map(_comparison_line, rows[view]), ""]
+    if _counts(proto):
+        out += ["### Head / tail rows per split", "", *_counts(proto), ""]
+    if _experts(proto):
+        out += ["### Experts", "", proto.get("experts_note", ""), "", *_experts(proto), ""]
+    for key, title in (("refit_lt", "Main table: refit view, long-tailed weights"),
+                       ("refit_bal", "Main table: refit view, balanced weights")):
+        if key in doc["tables"]:
+            out += [f"### {title}", "", *_table(doc["tables"][key], levels), ""]
+    if doc.get("comparisons"):
+        out += ["### Does AR-GSE beat the plug-in baselines?", "", *_verdict(doc), ""]
+    for key, title in (("ablations_lt", "Ablations (refit view, long-tailed weights)"),
+                       ("sweep_lt", "Secondary: sweep view of the operating points, long-tailed weights"),
+                       ("sweep_bal", "Secondary: sweep view of the operating points, balanced weights")):
+        if key in doc["tables"]:
+            out += [f"### {title}", "", *_table(doc["tables"][key], levels), ""]
+    out += ["### Wall time per stage", "", "Summed from the artifacts' manifests (this machine, as run):", "",
+            *_wall_times(report_art), ""]
+    if doc.get("warnings"):
+        out += ["### Warnings", "", *[f"- {w}" for w in doc["warnings"]], ""]
     return "\n".join(out) + "\n"
+
+
+def write_section(path: Path, name: str, text: str, title: str = "# Results") -> None:
+    """Replace (or append) the block ``<!-- section:name --> ... <!-- /section:name -->`` of ``path``."""
+    begin, end = f"<!-- section:{name} -->", f"<!-- /section:{name} -->"
+    block = f"{begin}\n{text.rstrip()}\n{end}\n"
+    old = path.read_text() if path.exists() else f"{title}\n\n"
+    pat = re.compile(re.escape(begin) + r".*?" + re.escape(end) + r"\n?", re.S)
+    new = pat.sub(lambda _m: block, old) if pat.search(old) else old.rstrip() + "\n\n" + block
+    path.write_text(new)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -195,10 +194,16 @@ def main(argv: list[str] | None = None) -> None:
     ap.add_argument("--protocol", type=Path)
     ap.add_argument("--store", type=Path)
     ap.add_argument("--command", default="make results-c100lt")
+    ap.add_argument("--section", help="section name inside --into")
+    ap.add_argument("--into", type=Path, help="the Markdown file whose section is replaced")
     a = ap.parse_args(argv)
     art = Store(a.store).open("report", a.report_key)
     proto = json.loads(a.protocol.read_text()) if a.protocol else None
-    print(render(art, proto, a.command), end="")
+    text = render(art, proto, a.command)
+    if a.into is not None:
+        write_section(a.into, a.section or "results", text)
+    else:
+        print(text, end="")
 
 
 if __name__ == "__main__":

@@ -6,9 +6,9 @@ Conventions shared by every table:
   mean alone; a missing value shows ``--``.
 - AURC = mean of the selective risk over the weighted-coverage grid 0.01, 0.02, ..., 1.00
   (:data:`argse_cli.metrics.AURC_CONVENTION`).
-- Bold rule (:func:`choose_bold`): in each column the method with the lowest mean is bold iff the
-  paired-bootstrap 95% CI of ``stat(best) - stat(runner-up)`` on the first seed both share lies
-  entirely below 0. Two methods with equal means are never bold.
+- Bold rule (decided by the report stage, :mod:`argse_cli.report.compare`): in each column the
+  method with the lowest mean is bold iff the paired-bootstrap 95% CI of the seed-mean difference
+  ``stat(best) - stat(runner-up)`` lies entirely below 0.
 - Every caption names its view (long-tailed weights ``w_lt`` or balanced weights ``w_bal``).
 
 Tables need ``\\usepackage{booktabs}`` and ``\\usepackage{graphicx}`` (``\\resizebox``).
@@ -17,7 +17,7 @@ Tables need ``\\usepackage{booktabs}`` and ``\\usepackage{graphicx}`` (``\\resiz
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -26,13 +26,11 @@ __all__ = [
     "BOLD_RULE",
     "Column",
     "VIEW_PHRASE",
-    "choose_bold",
     "default_columns",
     "fmt_mean_std",
     "latex_escape",
     "main_table",
     "mean_std",
-    "refit_columns",
     "sensitivity_table",
     "standalone_document",
 ]
@@ -75,7 +73,7 @@ class Column:
 
     ``key`` indexes the values; ``header`` is LaTeX; ``group`` is the spanning header above it
     (columns with the same consecutive group share one ``\\cmidrule``); ``stat`` is the name of
-    the statistic in :func:`argse_cli.metrics.paired_bootstrap_diff` (None = no paired test).
+    the bootstrapped statistic (:func:`argse_cli.metrics.bootstrap.stat_names`).
     """
 
     key: str
@@ -104,11 +102,6 @@ def default_columns(levels: Sequence[float] = (0.7, 0.8, 0.9)) -> list[Column]:
         k = f"worst_error@{lv:g}"
         cols.append(Column(k, _pct(lv), "Worst-group error at coverage", k))
     return cols
-
-
-def refit_columns(levels: Sequence[float] = (0.7, 0.8, 0.9)) -> list[Column]:
-    """Balanced and worst-group error at ``levels`` (no paired test: refit rules are not stored)."""
-    return [c for c in default_columns(levels) if not c.key.startswith("aurc")]
 
 
 def _clean(values: Sequence[float] | None) -> list[float]:
@@ -269,120 +262,6 @@ def sensitivity_table(
             lines.append(" & ".join(cells) + r" \\")
     lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}", ""]
     return "\n".join(lines)
-
-
-def _best_two(
-    values: Mapping[str, Mapping[str, Sequence[float]]], key: str
-) -> list[tuple[float, str]]:
-    ranked = []
-    for m, cols in values.items():
-        mu, _ = mean_std(cols.get(key))
-        if mu is not None:
-            ranked.append((mu, m))
-    ranked.sort(key=lambda t: t[0])  # stable: ties keep the input order
-    return ranked[:2]
-
-
-ArraysSource = Mapping[str, Any] | Callable[[], Mapping[str, Any]]
-
-
-def choose_bold(
-    values: Mapping[str, Mapping[str, Sequence[float]]],
-    per_method_arrays: Mapping[str, Mapping[int, ArraysSource]],
-    col_stat_name: Mapping[str, str | None],
-    *,
-    view: str = "lt",
-    levels: Sequence[float] = (0.7, 0.8, 0.9),
-    n_boot: int = 1000,
-    seed: int = 0,
-    ci: float = 0.95,
-) -> tuple[dict[str, str | None], dict[str, dict[str, Any]]]:
-    """Bold method per column (or None) and the evidence for it.
-
-    For column ``col`` (``values[method][col]`` = values over seeds, lower is better): rank the
-    methods by mean; ``best`` = lowest, ``runner-up`` = second lowest. With ``s`` the smallest seed
-    both have in ``per_method_arrays[method]`` (a dict ``seed -> {"score", "pred", "y",
-    "class_to_group", "w" | "w_lt"/"w_bal"}`` or a zero-argument callable returning it), run
-    :func:`argse_cli.metrics.paired_bootstrap_diff` (best, runner-up) under the weights of
-    ``view`` and read the statistic ``col_stat_name[col]``: ``best`` is bold iff the CI
-    [lo, hi] of ``stat(best) - stat(runner-up)`` has ``hi < 0`` (it excludes 0 on the side that
-    confirms the ranking). No bold for: fewer than 2 methods, equal means, no common seed, no
-    statistic name, or inputs that are not the same test samples. One paired bootstrap per
-    (best, runner-up, seed) pair serves every column.
-    """
-    from ..evaluation import WEIGHT_OF_VIEW
-    from ..metrics import paired_bootstrap_diff
-
-    loaded: dict[tuple[str, int], Mapping[str, Any]] = {}
-
-    def arrays(m: str, s: int) -> dict[str, Any]:
-        if (m, s) not in loaded:
-            src = per_method_arrays[m][s]
-            loaded[(m, s)] = src() if callable(src) else src
-        d = loaded[(m, s)]
-        w = d["w"] if "w" in d else d[WEIGHT_OF_VIEW[view]]
-        return {k: d[k] for k in ("score", "pred", "y", "class_to_group")} | {"w": w}
-
-    pair_cache: dict[tuple[str, str, int], dict[str, Any] | str] = {}
-    bold: dict[str, str | None] = {}
-    tests: dict[str, dict[str, Any]] = {}
-    for col, stat in col_stat_name.items():
-        top = _best_two(values, col)
-        bold[col] = None
-        if len(top) < 2:
-            tests[col] = {"bold": None, "reason": "fewer than two methods"}
-            continue
-        (mb, best), (mr, runner) = top
-        info: dict[str, Any] = {
-            "best": best,
-            "runner_up": runner,
-            "best_mean": mb,
-            "runner_up_mean": mr,
-            "view": view,
-        }
-        common = sorted(
-            set(per_method_arrays.get(best, {})) & set(per_method_arrays.get(runner, {}))
-        )
-        if mb == mr:
-            info["reason"] = "equal means"
-        elif stat is None:
-            info["reason"] = "no paired statistic for this column"
-        elif not common:
-            info["reason"] = "no common seed with test arrays"
-        else:
-            s = int(common[0])
-            info["seed"] = s
-            pk = (best, runner, s)
-            if pk not in pair_cache:
-                try:
-                    pair_cache[pk] = paired_bootstrap_diff(
-                        arrays(best, s),
-                        arrays(runner, s),
-                        n_boot=n_boot,
-                        seed=seed,
-                        levels=levels,
-                        ci=ci,
-                        view=view,
-                    )
-                except ValueError as e:  # different test rows: the pairing is meaningless
-                    pair_cache[pk] = f"paired bootstrap refused: {e}"
-            res = pair_cache[pk]
-            if isinstance(res, str):
-                info["reason"] = res
-            elif stat not in res["stats"]:
-                info["reason"] = f"statistic {stat} not bootstrapped"
-            else:
-                st = res["stats"][stat]
-                info.update(
-                    diff=st["diff"], lo=st["lo"], hi=st["hi"], ci=res["ci"], n_boot=res["n_boot"]
-                )
-                if st["hi"] < 0:
-                    bold[col] = best
-                else:
-                    info["reason"] = "CI of the difference includes 0"
-        info["bold"] = bold[col]
-        tests[col] = info
-    return bold, tests
 
 
 def standalone_document(body: str) -> str:

@@ -1,7 +1,7 @@
 """Stage registry and the one runner every stage goes through.
 
-A stage module defines ``STAGE``, ``VERSION``, ``CODE`` (the files whose digest is checked
-against ``stage_digests.json``) and ``compute(cfg, inputs, out, progress)``; optionally
+A stage module defines ``STAGE``, ``VERSION`` (bumped whenever its code -- the import closure of
+the module, see :mod:`argse_cli.digests` -- changes) and ``compute(cfg, inputs, out, progress)``; optionally
 ``summary(meta) -> str`` and ``show(artifact, console)``. Stage modules import nothing heavy at
 module level, so computing a key and answering ``cached`` never imports torch or zarr.
 """
@@ -9,7 +9,6 @@ module level, so computing a key and answering ``cached`` never imports torch or
 from __future__ import annotations
 
 import importlib
-import sys
 from types import ModuleType
 from typing import Any
 
@@ -34,9 +33,14 @@ def get_stage(stage: str) -> ModuleType:
     return importlib.import_module(f"argse_cli.stages.{STAGE_MODULES[stage]}")
 
 
+def _resolved(cfg: StageConfig) -> StageConfig:
+    """Defaults that depend on other fields filled in (programmatic callers get the CLI's key)."""
+    return cfg.resolved() if hasattr(cfg, "resolved") else cfg
+
+
 def key_of(stage: str, cfg: StageConfig, upstream: dict, extra: dict | None = None) -> str:
     mod = get_stage(stage)
-    return compute_key(stage, mod.VERSION, cfg.key_payload(), upstream, extra)
+    return compute_key(stage, mod.VERSION, _resolved(cfg).key_payload(), upstream, extra)
 
 
 def run_stage(
@@ -52,6 +56,7 @@ def run_stage(
 ) -> tuple[str, bool]:
     """Run a stage unless its artifact exists. Returns (key, computed)."""
     mod = get_stage(stage)
+    cfg = _resolved(cfg)
     key = compute_key(stage, mod.VERSION, cfg.key_payload(), upstream, extra)
 
     def say(msg: str) -> None:  # the outcome line is printed even with --quiet
@@ -98,6 +103,3 @@ def run_stage(
         say(f"cached {key}")
     return key, out.published
 
-
-def eprint(*a: Any) -> None:
-    print(*a, file=sys.stderr, flush=True)

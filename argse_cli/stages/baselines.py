@@ -1,19 +1,22 @@
-"""Stage `baselines`: every competitor under the same protocol as AR-GSE (see evaluation.py).
+"""Stage `baselines`: every competitor under the protocol of AR-GSE (:mod:`argse_cli.evaluation`),
+fitted by the same core with the same search, on tuneV / val_small only, never on test:
 
-Fitted on tuneV / val_small only, never on test:
-- Chow (max probability) on each calibrated expert; DE-Chow on the uniform average of experts;
-- U-PI: CS-plug-in (Narasimhan et al., Algorithm 1) on the uniform mixture;
-- SB-PI: CS-plug-in on the single expert with the best val_small group-balanced error;
-- Plug-in[Worst] (Algorithm 2, T rounds of EG on beta, S1 = tuneV, S2 = val_small);
-- AR-GSE ablations (gates retrained in-process, one per seed): uniform gate, no routing sparsity,
-  hard top-1 routing, 1 / 2 / all (/ 6) experts, balanced posteriors;
-- optionally the sensitivity grid: gate depth, tau schedule, lambda_ent, c.
-All plug-in rules use the gauge mu_[K-1] = 0 and the training-prior weights for alpha's fixed point.
-At the rejection cost c, each plug-in rule's operating coverage is searched (fit_cs_plugin_at_cost:
-Algorithm 1's fixed point at a fixed c can collapse to "accept nothing"); Plug-in[Worst] runs at
-U-PI's operating coverage.
-Outputs: ``baselines.json`` (one entry per method and seed, sweep and refit views, both weightings),
-``rc_curves.json`` and the test arrays ``m/<slug>/score``, ``m/<slug>/pred`` for paired bootstraps.
+- Chow (max probability) on each calibrated expert; DE-Chow on the uniform average of the experts
+  (threshold sweeps: nothing to refit);
+- CS-plug-in (Algorithm 1) on each expert; SB-PI = the CS-plug-in of the single expert with the
+  lowest mean val_small selection score over the coverage grid (long-tailed view);
+- U-PI: CS-plug-in on the uniform mixture (the frozen uniform gate's mixture, computed by the same
+  code);
+- Plug-in[Worst]: Algorithm 2 on the uniform mixture (S1 = tuneV, S2 = val_small);
+- AR-GSE ablations (gates retrained in-process, one per seed; ``ablation_variants``): the selective
+  primal-dual objective instead of the NLL, no routing sparsity, hard top-1 routing, 1 / 2 experts,
+  balanced posteriors; optionally the sensitivity grid. The full AR-GSE rows come from `eval` (the
+  report puts them beside the ablations); the frozen uniform gate is U-PI exactly (tested).
+
+Every plug-in method gets the refit view (its rule re-fitted at each coverage 0.01..1.00, both
+views) and the sweep view of its cost-matched operating point. Outputs: ``baselines.json`` (one
+entry per method and seed) and the test arrays ``m/<slug>/refit/<view>/{score,pred}``,
+``m/<slug>/{score,pred}`` for paired bootstraps in `report`.
 """
 
 from __future__ import annotations
@@ -22,9 +25,7 @@ import re
 from typing import Any
 
 STAGE = "baselines"
-VERSION = 5
-CODE = ("stages/baselines.py", "baselines.py", "evaluation.py", "metrics/*.py", "rejector.py",
-        "gate_train.py", "nn/gate.py", "stages/train_gate.py", "experts/calibration.py")
+VERSION = 7
 
 
 class _Calib:
@@ -44,15 +45,10 @@ def slugify(name: str) -> str:
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     import numpy as np
 
-    from ..baselines import fit_cs_plugin_at_cost, fit_plugin_worst
-    from ..config import TrainGateConfig
-    from ..evaluation import VIEWS, WEIGHT_OF_VIEW, evaluate_scores, refit_view
-    from ..experts.calibration import fit_temperature
-    from ..metrics.selective import balanced_error
-    from ..rejector import chow_margin
-    from .calibrate import load_posteriors, log_prior
-    from .train_expert import pin_threads
-    from .train_gate import fit_gate
+    from ..core.expert_data import load_posteriors
+    from ..core.gate_fit import GateModel
+    from ..evaluation import VIEWS, WEIGHT_OF_VIEW, fit_curves, views_of_eta
+    from ..runtime import pin_threads
 
     pin_threads()
     exp, cal, gate_art = inputs["export"], inputs["calibrate"], inputs["gate"]
@@ -61,136 +57,168 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     E = len(losses)
     data = {s: load_posteriors(exp, cal, s) for s in ("tuneV", "val_small", "test")}
     t = data["test"]
-    wk = WEIGHT_OF_VIEW[cfg.view]
     weights = {v: t[WEIGHT_OF_VIEW[v]] for v in VIEWS}
     results: list[dict] = []
     curves_out: dict[str, dict] = {v: {} for v in VIEWS}
+    rec = _Recorder(cfg, out, progress, t, c2g, weights, results, curves_out)
 
-    def record(name: str, group: str, seed: Any, score: Any, pred: Any, refit_eta: Any = None,
-               beta: Any = None, setting: str | None = None, extra: dict | None = None) -> None:
-        slug = slugify(f"{name}_s{seed}" if seed is not None else name)
-        sweep, curves = evaluate_scores(score, pred, t["y"], c2g, weights, levels=cfg.levels,
-                                        n_boot=cfg.n_boot, seed=0)
-        refit = None
-        if refit_eta is not None:
-            refit = {v: refit_view(refit_eta, data, c2g, sorted(set(cfg.levels)), view=v, beta=beta, M=cfg.M)
-                     for v in VIEWS}
-        out.array(f"m/{slug}/score", np.asarray(score, np.float32))
-        out.array(f"m/{slug}/pred", np.asarray(pred, np.int64))
-        for v, c in curves.items():
-            curves_out[v][slug] = c.to_dict()
-        # A deterministic baseline (seed None) does not depend on the gate seed: it is listed once
-        # per seed (same arrays) so that paired comparisons with every AR-GSE seed are possible.
-        for s in ([seed] if seed is not None else list(cfg.seeds)):
-            results.append({"method": name, "seed": s, "deterministic": seed is None, "group": group,
-                            "setting": setting, "slug": slug, "sweep": sweep, "refit": refit, **(extra or {})})
-        lt = sweep["views"]["lt"]["aurc"]
-        progress.log(f"{name:32s} balanced AURC {lt['balanced']:.4f}  worst AURC {lt['worst']:.4f} (lt weights)")
+    def plugin(name: str, eta: dict, *, worst: bool = False, group: str = "baseline", seed: Any = None,
+               setting: str | None = None, extra: dict | None = None) -> dict:
+        splits = {s: views_of_eta(eta[s], data[s], c2g) for s in ("tuneV", "val_small")}
+        curves = fit_curves(splits, worst=worst, T=cfg.T, xi=cfg.xi)
+        rec.plugin(name, curves, eta["test"], group=group, seed=seed, setting=setting, extra=extra)
+        return curves
 
-    op_cov: dict[str, float] = {}
+    # ---- Chow per expert, DE-Chow (threshold sweeps) ------------------------------------
+    from ..core.rule import chow_margin
 
-    def fit_pi(s_fit: str, eta_of: Any, beta: Any = None, tag: str = "") -> Any:
-        fit, q = fit_cs_plugin_at_cost(
-            eta_of(s_fit), data[s_fit]["y"], data[s_fit][wk], c2g, c=cfg.c,
-            eta_sel=eta_of("val_small"), y_sel=data["val_small"]["y"], w_sel=data["val_small"][wk],
-            w_prior=data[s_fit]["w_lt"], beta=beta, M=cfg.M,
-        )
-        op_cov[tag] = q
-        return fit.rule
-
-    # ---- Chow per expert, DE-Chow -----------------------------------------------------
     for e, loss in enumerate(losses):
         p = t["post"][:, e]
-        record(f"Chow ({loss})", "baseline", None, chow_margin(p, cfg.c), p.argmax(1))
-    uniform = {s: data[s]["post"].mean(axis=1) for s in data}
-    record("DE-Chow", "baseline", None, chow_margin(uniform["test"], cfg.c), uniform["test"].argmax(1))
+        rec.sweep_only(f"Chow ({loss})", chow_margin(p, cfg.c), p.argmax(1))
+    uniform = {s: GateModel(None, E).mixture(data[s]["post"]) for s in data}
+    rec.sweep_only("DE-Chow", chow_margin(uniform["test"], cfg.c), uniform["test"].argmax(1))
 
-    # ---- U-PI, SB-PI, Plug-in[Worst] ----------------------------------------------------
-    rule = fit_pi("tuneV", lambda s: uniform[s], tag="U-PI")
-    record("U-PI", "baseline", None, rule.margin(uniform["test"]), rule.predict(uniform["test"]),
-           refit_eta=lambda s: uniform[s],
-           extra={"alpha": rule.alpha.tolist(), "mu": rule.mu.tolist(), "operating_coverage": op_cov["U-PI"]})
-    val_err = []
-    for e in range(E):
-        r = fit_pi("tuneV", lambda s, e=e: data[s]["post"][:, e])
-        pv = data["val_small"]["post"][:, e]
-        val_err.append(balanced_error(r.accept(pv), r.predict(pv), data["val_small"]["y"], c2g,
-                                      data["val_small"][wk]))
-    best = int(np.argmin(val_err))
-    single = {s: data[s]["post"][:, best] for s in data}
-    rule = fit_pi("tuneV", lambda s: single[s])
-    record("SB-PI", "baseline", None, rule.margin(single["test"]), rule.predict(single["test"]),
-           refit_eta=lambda s: single[s], extra={"expert": losses[best], "val_balanced_error": val_err})
-    wf = fit_plugin_worst(
-        uniform["tuneV"], data["tuneV"]["y"], data["tuneV"][wk], uniform["val_small"],
-        data["val_small"]["y"], data["val_small"][wk], c2g, target_coverage=op_cov["U-PI"],
-        w_prior_S1=data["tuneV"]["w_lt"], T=cfg.T, xi=cfg.xi, M=cfg.M,
-    )
-    beta_w = wf.betas[wf.best_round]
-    record("Plug-in[Worst]", "baseline", None, wf.rule.margin(uniform["test"]), wf.rule.predict(uniform["test"]),
-           refit_eta=lambda s: uniform[s], beta=beta_w,
-           extra={"beta": beta_w.tolist(), "best_round": wf.best_round})
+    # ---- CS-plug-in per expert, SB-PI, U-PI, Plug-in[Worst] ------------------------------
+    single = [{s: data[s]["post"][:, e] for s in data} for e in range(E)]
+    cs = [plugin(f"CS-plug-in ({loss})", single[e]) for e, loss in enumerate(losses)]
+    sel_score = [float(np.mean(c[cfg.view].objective)) for c in cs]
+    best = int(np.argmin(sel_score))
+    rec.plugin("SB-PI", cs[best], single[best]["test"],
+               extra={"expert": losses[best], "val_mean_selection_score": sel_score})
+    plugin("U-PI", uniform)
+    plugin("Plug-in[Worst]", uniform, worst=True)
 
     # ---- AR-GSE ablations and sensitivity (gates retrained in-process) ------------------
-    base = TrainGateConfig.model_validate(gate_art.config)
-    if cfg.gate_epochs:
-        base = base.model_copy(update={"epochs": cfg.gate_epochs,
-                                       "tau_warmup_epochs": min(base.tau_warmup_epochs, cfg.gate_epochs - 1),
-                                       "patience": min(base.patience, cfg.gate_epochs)})
-    variants: list[tuple[str, str, str | None, dict, Any]] = []
-    if cfg.ablations:
-        variants += [
-            ("AR-GSE uniform gate", "ablation", None, {"uniform_gate": True}, None),
-            ("AR-GSE no sparsity", "ablation", None, {"lambda_ent": 0.0}, None),
-            ("AR-GSE hard routing", "ablation", None, {"hard_routing": True}, None),
-            ("AR-GSE", "ablation", "experts=all", {}, None),
-            (f"AR-GSE 1 expert ({losses[best]})", "ablation", "experts=1", {"experts": (best,)}, None),
-        ]
-        if "ce" in losses and "balsoftmax" in losses:
-            pair = (losses.index("ce"), losses.index("balsoftmax"))
-            variants.append(("AR-GSE 2 experts (ce+balsoftmax)", "ablation", "experts=2", {"experts": pair}, None))
-        if E >= 6:
-            variants.append(("AR-GSE 6 experts", "ablation", "experts=6", {"experts": tuple(range(6))}, None))
-        # balanced posteriors: refit temperatures for shift = tau - 1 on the same split and view
-        shift_b = np.array([e["tau"] - 1.0 for e in exp.meta["experts"]], np.float32)
-        fit_split = inputs["calibrate"].config.get("fit_split", "val_small")
-        view_c = inputs["calibrate"].config.get("view", "lt")
-        Tb = []
-        for e in range(E):
-            Tb.append(fit_temperature(exp.array(f"{fit_split}/logits")[:, e].astype(np.float32),
-                                      exp.array(f"{fit_split}/labels"), log_prior(exp), float(shift_b[e]),
-                                      w=exp.array(f"{fit_split}/{WEIGHT_OF_VIEW[view_c]}")))
-        variants.append(("AR-GSE balanced posteriors", "ablation", "posterior=balanced", {},
-                         _Calib(shift_b, np.asarray(Tb, np.float32))))
-    if cfg.sensitivity:
-        for label, upd in [("gate 2 layers", {"hidden": (128,)}), ("gate 3 layers", {"hidden": (128, 64)}),
-                           ("tau 2->6", {"tau_end": 6.0}), ("tau 2->10", {"tau_end": 10.0}),
-                           *[(f"lambda_ent={v:g}", {"lambda_ent": v}) for v in (1e-4, 1e-3, 1e-2)],
-                           *[(f"c={v:g}", {"c": v}) for v in (0.02, 0.05, 0.1)]]:
-            variants.append((f"AR-GSE {label}", "sensitivity", label, upd, None))
-    for seed in cfg.seeds:
-        for name, group, setting, upd, calib in variants:
-            gcfg = base.model_copy(update={**upd, "seed": seed})
-            cal_use = calib if calib is not None else cal
-            res = fit_gate(gcfg, exp, cal_use)
-            sub = list(gcfg.experts) if gcfg.experts is not None else None
-            post = {s: (load_posteriors(exp, cal_use, s, sub)["post"]) for s in ("tuneV", "val_small", "test")} \
-                if (calib is not None or sub is not None) else {s: data[s]["post"] for s in data}
-            mix = {s: res.mixture(post[s]) for s in post}
-            pred = res.predict(post["test"])[0]
-            record(name, group, seed, res.margin(post["test"]), pred, refit_eta=lambda s, mix=mix: mix[s],
-                   beta=res.beta if gcfg.beta == "worst" else None, setting=setting,
-                   extra={"val_objective": float(res.history["objective"][res.history["epoch"].index(res.chosen_epoch)]),
-                          "chosen_epoch": int(res.chosen_epoch)})
+    for name, group, setting, upd, calib in _variants(cfg, gate_art, exp, losses, best):
+        for seed in cfg.seeds:
+            _ablation(rec, plugin, name, group, setting, {**upd, "seed": seed}, calib, gate_art, exp, cal, data)
     out.json("baselines.json", {"levels": list(cfg.levels), "view_fitted": cfg.view, "c": cfg.c,
                                 "results": results})
     out.json("rc_curves.json", curves_out)
-    out.array("test/y", t["y"])
-    out.array("test/w_lt", t["w_lt"])
-    out.array("test/w_bal", t["w_bal"])
+    for k in ("y", "w_lt", "w_bal"):
+        out.array(f"test/{k}", t[k])
+    if "test/source_index" in exp.manifest.get("arrays", {}):
+        out.array("test/source_index", exp.array("test/source_index"))
     out.array("class_to_group", c2g)
     out.meta.update(methods=sorted({r["method"] for r in results}), n_results=len(results),
                     sb_pi_expert=losses[best])
+
+
+class _Recorder:
+    """Scores one method on test (refit and sweep views) and records its results and arrays."""
+
+    def __init__(self, cfg, out, progress, test, c2g, weights, results, curves_out):
+        self.cfg, self.out, self.progress, self.t, self.c2g = cfg, out, progress, test, c2g
+        self.weights, self.results, self.curves_out = weights, results, curves_out
+
+    def _entries(self, name: str, group: str, seed: Any, slug: str, entry: dict) -> None:
+        # A deterministic baseline (seed None) does not depend on the gate seed: it is listed once
+        # per seed (same arrays) so that paired comparisons with every AR-GSE seed are possible.
+        for s in ([seed] if seed is not None else list(self.cfg.seeds)):
+            self.results.append({"method": name, "seed": s, "deterministic": seed is None, "group": group,
+                                 "slug": slug, **entry})
+
+    def _sweep(self, slug: str, score: Any, pred: Any) -> dict:
+        import numpy as np
+
+        from ..evaluation import evaluate_scores
+
+        sweep, curves = evaluate_scores(score, pred, self.t["y"], self.c2g, self.weights, levels=self.cfg.levels,
+                                        n_boot=self.cfg.n_boot, seed=0)
+        self.out.array(f"m/{slug}/score", np.asarray(score, np.float32))
+        self.out.array(f"m/{slug}/pred", np.asarray(pred, np.int64))
+        for v, c in curves.items():
+            self.curves_out[v][slug] = c.to_dict()
+        return sweep
+
+    def sweep_only(self, name: str, score: Any, pred: Any) -> None:
+        slug = slugify(name)
+        sweep = self._sweep(slug, score, pred)
+        self._entries(name, "baseline", None, slug, {"setting": None, "sweep": sweep, "refit": None})
+        lt = sweep["views"]["lt"]["aurc"]
+        self.progress.log(f"{name:34s} balanced AURC {lt['balanced']:.4f}  worst AURC {lt['worst']:.4f} (sweep, lt)")
+
+    def plugin(self, name: str, curves: dict, eta_test: Any, *, group: str = "baseline", seed: Any = None,
+               setting: str | None = None, extra: dict | None = None) -> None:
+        import numpy as np
+
+        from ..evaluation import operating_rule, refit_metrics, score_curves
+
+        slug = slugify(f"{name}_s{seed}" if seed is not None else name)
+        scored = score_curves(curves, eta_test, self.t, self.c2g)
+        refit = refit_metrics(scored, self.t, self.c2g, levels=self.cfg.levels, n_boot=self.cfg.n_boot, seed=0)
+        for v, (S, P) in scored.items():
+            self.out.array(f"m/{slug}/refit/{v}/score", S)
+            self.out.array(f"m/{slug}/refit/{v}/pred", P.astype(np.int32))
+        rule, q = operating_rule(curves, self.cfg.c, self.cfg.view)
+        sweep = self._sweep(slug, rule.margin(eta_test), rule.predict(eta_test))
+        fit = {v: {"lambda": c.lam.tolist(), "widened": c.widened.tolist(), "at_bound": c.at_bound.tolist(),
+                   "alpha": c.alpha.tolist(), "beta": c.beta.tolist(), "rounds": c.rounds.tolist()}
+               for v, c in curves.items()}
+        self._entries(name, group, seed, slug, {"setting": setting, "refit": refit, "sweep": sweep, "fit": fit,
+                                                "operating_coverage": q, **(extra or {})})
+        lt = refit["views"]["lt"]["aurc"]
+        self.progress.log(f"{name:34s} balanced AURC {lt['balanced']:.4f}  worst AURC {lt['worst']:.4f} (refit, lt)")
+
+
+def _variants(cfg: Any, gate_art: Any, exp: Any, losses: list[str], best: int) -> list[tuple]:
+    """(name, group, setting, config update, calibration or None) of the ablation / sensitivity gates."""
+    E = len(losses)
+    v: list[tuple] = []
+    if cfg.ablations:
+        want = set(cfg.ablation_variants)
+        cand = [
+            ("selective", "AR-GSE selective objective", "gate_loss=selective", {"gate_loss": "selective"}, None),
+            ("no_sparsity", "AR-GSE no sparsity", "lambda_ent=0", {"lambda_ent": 0.0}, None),
+            ("hard_routing", "AR-GSE hard routing", "hard_routing", {"hard_routing": True}, None),
+            ("one_expert", f"AR-GSE 1 expert ({losses[best]})", "experts=1", {"experts": (best,)}, None),
+        ]
+        if "ce" in losses and "balsoftmax" in losses:
+            pair = (losses.index("ce"), losses.index("balsoftmax"))
+            cand.append(("two_experts", "AR-GSE 2 experts (ce+balsoftmax)", "experts=2", {"experts": pair}, None))
+        cand.append(("balanced_posteriors", "AR-GSE balanced posteriors", "posterior=balanced", {}, "balanced"))
+        v += [(name, "ablation", setting, upd, cal) for key, name, setting, upd, cal in cand if key in want]
+        if E >= 6 and "two_experts" in want:
+            v.append(("AR-GSE 6 experts", "ablation", "experts=6", {"experts": tuple(range(6))}, None))
+    if cfg.sensitivity:
+        for label, upd in [("gate 2 layers", {"hidden": (128,)}), ("gate 3 layers", {"hidden": (128, 64)}),
+                           *[(f"lambda_ent={x:g}", {"lambda_ent": x}) for x in (1e-4, 1e-3, 1e-2)],
+                           *[(f"c={x:g}", {"c": x}) for x in (0.02, 0.05, 0.1)]]:
+            v.append((f"AR-GSE {label}", "sensitivity", label, upd, None))
+    return v
+
+
+def _ablation(rec: _Recorder, plugin: Any, name: str, group: str, setting: str, upd: dict, calib: Any,
+              gate_art: Any, exp: Any, cal: Any, data: dict) -> None:
+    """Train one ablation gate in-process and record its refitted curves."""
+    import numpy as np
+
+    from ..config import TrainGateConfig
+    from ..core.expert_data import load_posteriors, log_prior
+    from ..experts.calibration import fit_temperature
+    from .train_gate import fit_gate
+
+    base = {k: v for k, v in gate_art.config.items() if v is not None and k not in ("beta", "xi", "T")}
+    if rec.cfg.gate_epochs:
+        base["epochs"] = rec.cfg.gate_epochs
+        base["patience"] = min(base.get("patience", 15), rec.cfg.gate_epochs)
+    gcfg = TrainGateConfig.model_validate({**base, **upd, "beta": "balanced"}).resolved()
+    cal_use = cal
+    if calib == "balanced":  # refit temperatures for shift = tau - 1 on the same split and view
+        shift_b = np.array([e["tau"] - 1.0 for e in exp.meta["experts"]], np.float32)
+        fs = cal.config.get("fit_split", "val_small")
+        wv = "w_lt" if cal.config.get("view", "lt") == "lt" else "w_bal"
+        Tb = [fit_temperature(exp.array(f"{fs}/logits")[:, e].astype(np.float32), exp.array(f"{fs}/labels"),
+                              log_prior(exp), float(shift_b[e]), w=exp.array(f"{fs}/{wv}"))
+              for e in range(len(shift_b))]
+        cal_use = _Calib(shift_b, np.asarray(Tb, np.float32))
+    fit = fit_gate(gcfg, exp, cal_use)
+    sub = list(gcfg.experts) if gcfg.experts is not None else None
+    post = ({s: load_posteriors(exp, cal_use, s, sub)["post"] for s in ("tuneV", "val_small", "test")}
+            if (calib is not None or sub is not None) else {s: data[s]["post"] for s in data})
+    eta = {s: fit.model.mixture(post[s]) for s in post}
+    plugin(name, eta, group=group, seed=upd["seed"], setting=setting,
+           extra={"chosen_epoch": int(fit.chosen_epoch), "criterion": fit.criterion})
 
 
 def summary(meta: dict) -> str:

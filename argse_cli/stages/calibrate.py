@@ -15,57 +15,12 @@ from typing import Any
 
 STAGE = "calibrate"
 VERSION = 2
-CODE = ("stages/calibrate.py", "experts/calibration.py", "experts/posterior.py", "metrics/calibration.py")
-
-
-def log_prior(export_art: Any) -> Any:
-    import numpy as np
-
-    counts = export_art.array("class_counts").astype(np.float64)
-    return np.log(counts / counts.sum()).astype(np.float32)
-
-
-def apply_calibration(logits: Any, log_pi: Any, shift: Any, T: Any) -> Any:
-    """p[n, e, :] = softmax((f[n, e, :] + shift_e * log pi) / T_e), float32 (fp16 in is fine).
-
-    numpy in, numpy out; computed with torch's vectorised kernels in one float32 buffer (the
-    fp16 -> float32 cast is the only copy; the caller's array is never modified)."""
-    import numpy as np
-    import torch
-
-    f = torch.from_numpy(np.ascontiguousarray(logits))
-    z = f.to(torch.float32, copy=True)
-    sh = torch.as_tensor(np.asarray(shift, np.float32))
-    lp = torch.as_tensor(np.asarray(log_pi, np.float32))
-    z.add_(sh[:, None] * lp[None, :])
-    z.div_(torch.as_tensor(np.asarray(T, np.float32))[:, None])
-    z.sub_(z.amax(dim=-1, keepdim=True))
-    z.exp_()
-    z.div_(z.sum(dim=-1, keepdim=True))
-    return z.numpy()
-
-
-def load_posteriors(export_art: Any, calib_art: Any, split: str, experts: Any = None) -> dict:
-    """Calibrated posteriors [N, E, C] of a split plus labels, weights and groups (in memory)."""
-    import numpy as np
-
-    logits = export_art.array(f"{split}/logits")
-    shift, T = calib_art.array("shift"), calib_art.array("temperature")
-    if experts is not None:
-        idx = np.asarray(experts, dtype=np.int64)
-        logits, shift, T = logits[:, idx], shift[idx], T[idx]
-    return {
-        "post": apply_calibration(logits, log_prior(export_art), shift, T),
-        "y": export_art.array(f"{split}/labels"),
-        "w_lt": export_art.array(f"{split}/w_lt"),
-        "w_bal": export_art.array(f"{split}/w_bal"),
-        "group": export_art.array(f"{split}/group"),
-    }
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     import numpy as np
 
+    from ..core.expert_data import log_prior
     from ..experts.calibration import calibration_metrics, fit_temperature
 
     exp = inputs["export"]

@@ -1,10 +1,14 @@
 """Stage `eval`: a trained gate's risk-coverage metrics on test, both views, bootstrap CIs.
 
-Outputs: ``metrics.json`` (sweep view and refit view, long-tailed and balanced weights, AURC
-convention stated), ``rc_curve.csv``, ``rc_curves.json``, figures (RC curves balanced and worst,
-margin histogram per group, alpha / beta / coverage trajectories), and the test arrays
-(``test/score`` = margin, ``test/pred``, labels, weights) for paired comparisons in `report`.
-Nothing here is fitted on test labels.
+Headline: the refit view -- the gate artifact's rules, fitted at every coverage 0.01..1.00 on
+validation data (tuneV / val_small) by the one core, read on test at their coverage
+(:mod:`argse_cli.evaluation`). Secondary: the sweep view of the operating-point rule.
+
+Outputs: ``metrics.json`` (``refit`` and ``sweep``, each per view with AURCs, errors at the levels
+and bootstrap CIs; the AURC convention stated), ``rc_curve.csv``, ``rc_curves.json``, figures,
+and the test arrays for paired comparisons in `report`: ``refit/<view>/score`` [Q, N],
+``refit/<view>/pred`` [Q, N], ``test/score`` (the operating point's margin), ``test/pred``,
+labels, weights and source indices. Nothing here is fitted on test labels.
 """
 
 from __future__ import annotations
@@ -12,9 +16,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "eval"
-VERSION = 3
-CODE = ("stages/evaluate.py", "evaluation.py", "metrics/*.py", "baselines.py", "rejector.py",
-        "guarantees.py", "sag.py", "l2d.py")
+VERSION = 4
 
 
 def method_name(gate_cfg: dict) -> str:
@@ -25,70 +27,67 @@ def method_name(gate_cfg: dict) -> str:
 
 
 def gate_eval_data(gate_art: Any, with_calib: bool = False) -> tuple[Any, dict, Any, Any]:
-    """(GateResult, {split: posteriors/labels/weights}, export, calibrate) of a gate artifact."""
-    from .calibrate import load_posteriors
+    """(GatedRule, {split: posteriors/labels/weights}, export, calibrate) of a gate artifact."""
+    from ..core.expert_data import load_posteriors
     from .train_gate import load_gate
 
-    res = load_gate(gate_art)
+    gr = load_gate(gate_art)
     exp, cal = gate_art.upstream("export"), gate_art.upstream("calibrate")
     experts = gate_art.meta.get("experts")
-    splits = ("tuneV", "val_small", "calib", "test") if with_calib else ("tuneV", "val_small", "test")
+    splits = ("calib", "test") if with_calib else ("test",)
     data = {s: load_posteriors(exp, cal, s, experts) for s in splits}
-    return res, data, exp, cal
+    return gr, data, exp, cal
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     import numpy as np
 
-    from ..evaluation import VIEWS, WEIGHT_OF_VIEW, evaluate_scores, refit_view
-    from .train_expert import pin_threads
+    from ..evaluation import VIEWS, WEIGHT_OF_VIEW, evaluate_scores, refit_metrics, score_curves
+    from ..runtime import pin_threads
 
     pin_threads()
     gate_art = inputs["gate"]
-    res, data, exp, _ = gate_eval_data(gate_art, with_calib=True)
+    gr, data, exp, _ = gate_eval_data(gate_art, with_calib=True)
     c2g = np.asarray(exp.array("class_to_group"))
     t = data["test"]
-    eta = res.mixture(t["post"])
-    score = res.margin(t["post"]).astype(np.float32)
-    pred = res.predict(t["post"])[0]
+    eta, pred, score = gr.decide(t["post"])
     weights = {v: t[WEIGHT_OF_VIEW[v]] for v in VIEWS}
-    progress.log(f"eval: {len(score)} test rows, {cfg.n_boot} bootstrap resamples")
+    progress.log(f"eval: {len(score)} test rows; refit curves (100 coverages x {len(VIEWS)} views), "
+                 f"{cfg.n_boot} bootstrap resamples")
+    scored = score_curves(gr.curves, eta, t, c2g)
+    refit = refit_metrics(scored, t, c2g, levels=cfg.levels, n_boot=cfg.n_boot, seed=cfg.seed)
     sweep, curves = evaluate_scores(score, pred, t["y"], c2g, weights, levels=cfg.levels, n_boot=cfg.n_boot,
                                     seed=cfg.seed, probs=eta)
-    refit = None
-    if cfg.refit:
-        mix = {s: res.mixture(data[s]["post"]) for s in ("tuneV", "val_small", "test")}
-        covs = sorted(set(cfg.levels) | set(cfg.refit_grid))
-        beta = res.beta if gate_art.config.get("beta") == "worst" else None
-        refit = {v: refit_view(lambda s: mix[s], data, c2g, covs, view=v, beta=beta) for v in VIEWS}
     gcfg = gate_art.config
     name = method_name(gcfg)
     metrics = {
         "method": name, "seed": gcfg.get("seed"), "gate_key": gate_art.key, "levels": list(cfg.levels),
-        "sweep": sweep, "refit": refit,
-        "protocol": "sweep: rule fitted once on validation, threshold swept over its margin on test; "
-                    "refit: alpha, mu refitted on tuneV (lambda on val_small) at each coverage, mixture fixed",
+        "refit": refit, "sweep": sweep, "operating_point": {"coverage": gr.meta.get("operating_coverage"),
+                                                            "cost": gr.meta.get("cost"), "view": gr.meta.get("view")},
     }
-    metrics.update(_extras(cfg, res, data, c2g, score, pred, eta, out, progress))
+    metrics.update(_extras(cfg, gr, data, c2g, score, pred, eta, out, progress))
     out.json("metrics.json", metrics)
     out.json("rc_curves.json", {v: {name: c.to_dict()} for v, c in curves.items()})
-    _write_csv(out.file_path("rc_curve.csv"), curves)
+    _write_csv(out.file_path("rc_curve.csv"), {v: refit["views"][v]["curve"] for v in VIEWS})
+    for v, (S, P) in scored.items():
+        out.array(f"refit/{v}/score", S)
+        out.array(f"refit/{v}/pred", P.astype(np.int32))
     out.array("test/score", score)
     out.array("test/pred", pred.astype(np.int64))
     out.array("test/y", t["y"])
     out.array("test/w_lt", t["w_lt"])
     out.array("test/w_bal", t["w_bal"])
+    if "test/source_index" in exp.manifest.get("arrays", {}):
+        out.array("test/source_index", exp.array("test/source_index"))
     out.array("class_to_group", c2g)
-    _figures(out, name, curves, score, t["group"], gate_art.json("history.json"))
-    lt = sweep["views"]["lt"]
+    _figures(out, name, refit, curves, score, t["group"], gate_art.json("history.json"))
+    lt = refit["views"]["lt"]
     out.meta.update(
         method=name, aurc_balanced_lt=lt["aurc"]["balanced"], aurc_worst_lt=lt["aurc"]["worst"],
-        coverage_at_margin_0=lt["at_margin_0"]["coverage"],
+        coverage_at_margin_0=sweep["views"]["lt"]["at_margin_0"]["coverage"],
     )
-    progress.log(
-        f"{name}: balanced AURC {lt['aurc']['balanced']:.4f}, worst AURC {lt['aurc']['worst']:.4f} "
-        f"(long-tailed weights; {sweep['aurc_convention']})"
-    )
+    progress.log(f"{name}: refit view, long-tailed weights: balanced AURC {lt['aurc']['balanced']:.4f}, "
+                 f"worst AURC {lt['aurc']['worst']:.4f}")
 
 
 def _extras(cfg: Any, res: Any, data: dict, c2g: Any, score: Any, pred: Any, eta: Any, out: Any,
@@ -118,8 +117,8 @@ def _extras(cfg: Any, res: Any, data: dict, c2g: Any, score: Any, pred: Any, eta
         out.file_path("sag.pdf")
         plot_sag(r, out.file_path("sag.png").with_suffix(""))
     if cfg.l2d:
+        from ..core.gate import build_gating_features
         from ..l2d import deferral_comparison, em_defer, simulate_humans
-        from ..nn.gate import build_gating_features
         from ..report.deferral_figures import plot_defer
 
         C = len(c2g)
@@ -141,35 +140,33 @@ def _extras(cfg: Any, res: Any, data: dict, c2g: Any, score: Any, pred: Any, eta
 
 
 def _write_csv(path: Any, curves: dict) -> None:
+    """The refitted curves (both views) as plain CSV; conventions are in metrics.json."""
     lines = []
     for view, c in curves.items():
-        K = c.group_error.shape[1]
+        ge = c["group_error"]
+        K = len(ge[0])
         if not lines:
             lines.append("view,coverage,risk,balanced_risk,worst_risk," + ",".join(f"e_{k}" for k in range(K)))
-        for i in range(len(c.coverage)):
-            row = [view, c.coverage[i], c.risk[i], c.balanced_risk[i], c.worst_risk[i], *c.group_error[i]]
-            lines.append(",".join(str(x) if isinstance(x, str) else f"{float(x):.6g}" for x in row))
-    path.write_text("# risk = selective risk on the view's weights; AURC = mean risk over coverage 0.01..1.00\n"
-                    + "\n".join(lines) + "\n")
+        for i in range(len(c["coverage"])):
+            row = [c["coverage"][i], c["risk"][i], c["balanced_risk"][i], c["worst_risk"][i], *ge[i]]
+            lines.append(view + "," + ",".join(f"{float(x):.6g}" for x in row))
+    path.write_text("\n".join(lines) + "\n")
 
 
-def _figures(out: Any, name: str, curves: dict, score: Any, group: Any, history: dict) -> None:
-    from ..report.figures import plot_margin_hist, plot_rc_curves, plot_trajectories
+def _figures(out: Any, name: str, refit: dict, sweep_curves: dict, score: Any, group: Any, history: dict) -> None:
+    from ..report.figures import plot_margin_hist, plot_rc_curves, plot_training
 
     def stem(n: str) -> Any:
+        out.file_path(f"{n}.pdf")
         return out.file_path(f"{n}.png").with_suffix("")
 
     for kind in ("balanced", "worst"):
-        for v, c in curves.items():
-            p = stem(f"rc_{kind}_{v}")
-            out.file_path(f"rc_{kind}_{v}.pdf")
-            plot_rc_curves({name: c.to_dict()}, kind, v, p)
-    p = stem("margin_hist")
-    out.file_path("margin_hist.pdf")
-    plot_margin_hist(score, group, p)
-    p = stem("trajectories")
-    out.file_path("trajectories.pdf")
-    plot_trajectories(history, p)
+        for v, c in sweep_curves.items():
+            plot_rc_curves({f"{name} (refit)": refit["views"][v]["curve"], f"{name} (sweep)": c.to_dict()},
+                           kind, v, stem(f"rc_{kind}_{v}"))
+    plot_margin_hist(score, group, stem("margin_hist"))
+    if history.get("epoch"):
+        plot_training(history, stem("trajectories"))
 
 
 def summary(meta: dict) -> str:

@@ -17,8 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "export-logits"
-VERSION = 4
-CODE = ("stages/export_logits.py", "experts/trainer.py", "nn/resnet.py")
+VERSION = 6
 SPLIT_ARRAYS = ("labels", "w_lt", "w_bal", "group")
 
 

@@ -1,532 +1,299 @@
-"""Stage `report`: LaTeX (booktabs) tables and PDF/PNG figures from eval and baselines artifacts.
+"""Stage `report`: LaTeX (booktabs) tables, figures and paired comparisons from eval and baselines
+artifacts, pooled over seeds and folds (:mod:`argse_cli.report.compare`).
 
-Inputs: ``inputs["evals"]`` (eval artifacts, one per AR-GSE variant and seed) and
-``inputs["baselines"]`` (baselines artifacts); either list may be empty. Results are gathered by
-method name across seeds (a cell = mean +- std over seeds, ddof 1).
+Inputs: ``inputs["evals"]`` (one per AR-GSE variant, seed and fold) and ``inputs["baselines"]`` (one
+per fold). Every (method, seed) is pooled over the folds (a holdout protocol has one fold); the
+folds' test rows must be disjoint (asserted on source indices when recorded).
 
 Files written (every table names its view and protocol in its caption):
 
-- ``main.tex``           sweep view, long-tailed weights ``w_lt`` (the default target view)
-- ``main_balanced.tex``  sweep view, balanced weights ``w_bal``
-- ``refit.tex`` / ``refit_balanced.tex``  refit view (alpha, mu refitted at each coverage), if any
-- ``ablations.tex``      ablation rows (+ the AR-GSE rows for reference), ``w_lt``, if any
-- ``sensitivity.tex``    sensitivity rows (method x setting), ``w_lt``, if any
-- ``summary.json``       every number in the tables (values per seed, mean, std, bold, tests)
-- ``rc_{balanced,worst}_{lt,bal}.{pdf,png}``  RC curves, all main-table methods, first seed
-- ``margin_<method>.{pdf,png}``  test-margin histogram per group (eval methods, first seed)
-- ``trajectories_<method>.{pdf,png}``  gate-training trajectories (eval methods, first seed)
-- ``sensitivity_lt.{pdf,png}``  balanced AURC per sensitivity setting, if any
+- ``main.tex`` / ``main_balanced.tex``   refit view (the headline), ``w_lt`` / ``w_bal``
+- ``sweep.tex`` / ``sweep_balanced.tex`` sweep view of the operating points (secondary)
+- ``ablations.tex``, ``sensitivity.tex`` refit view, ``w_lt``, when present
+- ``summary.json``  every number: per-seed values, mean, std, seed-mean CI, bold, comparisons
+- ``rc_{balanced,worst}_{lt,bal}.{pdf,png}``  refitted RC curves (first seed, pooled folds)
+- ``margin_<method>``, ``trajectories_<method>``  per AR-GSE variant (first seed, first fold)
 
-Bold (see :func:`argse_cli.report.tables.choose_bold`): the lowest mean of a column is bold iff a
-paired class-stratified bootstrap (:data:`N_BOOT` resamples) on the first seed it shares with the
-runner-up puts the CI of their difference entirely below 0.
+Cells: mean +- std over seeds; CI: the seed-mean statistic's class-stratified bootstrap 95% interval
+(``n_boot`` resamples of the pooled test rows). Bold: the best mean whose paired-bootstrap CI of the
+difference to the runner-up lies below 0. Comparisons: AR-GSE (balanced / worst) against U-PI,
+SB-PI, Plug-in[Worst] and the CS-plug-in of each expert, with bootstrap p-values and Holm's
+correction across all comparisons.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 STAGE = "report"
-VERSION = 6
-CODE = ("stages/report.py", "report/*.py")
+VERSION = 7
 
-N_BOOT = 1000
-"""Paired-bootstrap resamples behind the bold rule."""
-BOOT_SEED = 0
 VIEWS = ("lt", "bal")
-_PROTOCOL_SWEEP = (
-    r"Sweep view (each rule fitted once on validation data; a threshold is swept over its "
-    r"margin on the test set)"
-)
-_PROTOCOL_REFIT = (
-    r"Refit view (at each coverage, $\alpha$ and $\mu$ are refitted on tuneV; the test "
-    r"threshold is set from test margins alone)"
-)
+COMPARE_STATS = ("aurc_balanced", "aurc_worst")
+_PROTOCOL = {
+    "refit": r"Refit view (the rule is re-fitted on validation data at each coverage and read on test "
+             r"at that coverage; Chow-type rules: threshold sweep)",
+    "sweep": r"Sweep view (each rule at its cost-matched operating point; a threshold is swept over "
+             r"its margin on test)",
+}
 
 
-@dataclass
-class Entry:
-    """One (method, seed) result from an eval or baselines artifact."""
-
-    name: str  # row label (method, or "method [setting]" for ablations)
-    method: str
-    seed: int
-    kind: str  # "main" (eval) | "baseline" | "ablation" | "sensitivity"
-    setting: str | None
-    sweep: dict
-    refit: dict | None
-    curves: dict  # view -> RCCurve.to_dict()
-    source: str
-    arrays: Callable[[], dict] = field(repr=False)
-    gate: Callable[[], Any] | None = field(default=None, repr=False)
+def _fold_of(art: Any) -> str:
+    """The test set's identity: the export / import key the result was scored on."""
+    if art.stage == "eval":
+        return str(art.upstream("gate").upstream_keys["export"])
+    return str(art.upstream_keys["export"])
 
 
-def _cached(fn: Callable[[], Any]) -> Callable[[], Any]:
-    box: list[Any] = []
+def _eval_results(art: Any) -> list:
+    from ..report.compare import Result, cached
 
-    def get() -> Any:
-        if not box:
-            box.append(fn())
-        return box[0]
-
-    return get
-
-
-def _files(art: Any) -> dict:
-    return art.manifest.get("files", {})
-
-
-def _eval_entries(art: Any) -> list[Entry]:
     m = art.json("metrics.json")
-    method = str(m["method"])
-    curves_all = art.json("rc_curves.json") if "rc_curves.json" in _files(art) else {}
-    curves = {}
-    for view, d in curves_all.items():
-        if method in d:
-            curves[view] = d[method]
-        elif len(d) == 1:
-            curves[view] = next(iter(d.values()))
+    names = set(art.manifest.get("arrays", {}))
 
-    def arrays() -> dict:
-        return {
-            "score": art.array("test/score"),
-            "pred": art.array("test/pred"),
-            "y": art.array("test/y"),
-            "class_to_group": art.array("class_to_group"),
-            "w_lt": art.array("test/w_lt"),
-            "w_bal": art.array("test/w_bal"),
-        }
+    def load() -> dict:
+        d = {k: art.array(f"test/{k}") for k in ("score", "pred", "y", "w_lt", "w_bal")}
+        d["class_to_group"] = art.array("class_to_group")
+        d["source_index"] = art.array("test/source_index") if "test/source_index" in names else None
+        d["refit"] = {v: (art.array(f"refit/{v}/score"), art.array(f"refit/{v}/pred")) for v in VIEWS}
+        return d
 
-    def gate() -> Any:
-        return art.upstream("gate")
-
-    return [
-        Entry(
-            name=method,
-            method=method,
-            seed=int(m.get("seed", 0)),
-            kind="main",
-            setting=None,
-            sweep=m["sweep"],
-            refit=m.get("refit"),
-            curves=curves,
-            source=f"eval/{art.key[:12]}",
-            arrays=_cached(arrays),
-            gate=_cached(gate) if "gate" in art.upstream_keys else None,
-        )
-    ]
+    return [Result(name=str(m["method"]), method=str(m["method"]), seed=int(m.get("seed") or 0), kind="main",
+                   setting=None, fold=_fold_of(art), source=f"eval/{art.key[:12]}", load=cached(load),
+                   info={"operating_point": m.get("operating_point")},
+                   gate=cached(lambda: art.upstream("gate")))]
 
 
-def _baseline_entries(art: Any) -> list[Entry]:
+def _baseline_results(art: Any) -> list:
+    from ..report.compare import Result, cached
+
     b = art.json("baselines.json")
-    curves_all = art.json("rc_curves.json") if "rc_curves.json" in _files(art) else {}
+    names = set(art.manifest.get("arrays", {}))
+    fold = _fold_of(art)
 
-    @_cached
+    @cached
     def shared() -> dict:
-        return {
-            "y": art.array("test/y"),
-            "class_to_group": art.array("class_to_group"),
-            "w_lt": art.array("test/w_lt"),
-            "w_bal": art.array("test/w_bal"),
-        }
+        d = {k: art.array(f"test/{k}") for k in ("y", "w_lt", "w_bal")}
+        d["class_to_group"] = art.array("class_to_group")
+        d["source_index"] = art.array("test/source_index") if "test/source_index" in names else None
+        return d
 
     out = []
     for r in b.get("results", []):
-        slug = str(r["slug"])
-        group = r.get("group", "baseline")
-        kind = group if group in ("baseline", "ablation", "sensitivity") else "baseline"
-        setting = r.get("setting")
-        name = str(r["method"])
-        if kind == "ablation" and setting:
-            name = f"{name} [{setting}]"
+        slug, kind = str(r["slug"]), r.get("group", "baseline")
+        name = str(r["method"]) + (f" [{r['setting']}]" if kind == "ablation" and r.get("setting") else "")
 
-        def arrays(slug: str = slug) -> dict:
-            return {
-                "score": art.array(f"m/{slug}/score"),
-                "pred": art.array(f"m/{slug}/pred"),
-                **shared(),
-            }
+        def load(slug: str = slug, refit: bool = r.get("refit") is not None) -> dict:
+            d = {**shared(), "score": art.array(f"m/{slug}/score"), "pred": art.array(f"m/{slug}/pred")}
+            d["refit"] = ({v: (art.array(f"m/{slug}/refit/{v}/score"), art.array(f"m/{slug}/refit/{v}/pred"))
+                           for v in VIEWS} if refit else None)
+            return d
 
-        curves = {v: d[slug] for v, d in curves_all.items() if slug in d}
-        out.append(
-            Entry(
-                name=name,
-                method=str(r["method"]),
-                seed=int(r.get("seed", 0)),
-                kind=kind,
-                setting=None if setting is None else str(setting),
-                sweep=r["sweep"],
-                refit=r.get("refit"),
-                curves=curves,
-                source=f"baselines/{art.key[:12]}:{slug}",
-                arrays=_cached(arrays),
-            )
-        )
+        info = {k: r[k] for k in ("expert", "operating_coverage", "chosen_epoch") if k in r}
+        out.append(Result(name=name, method=str(r["method"]), seed=int(r.get("seed") or 0), kind=kind,
+                          setting=r.get("setting"), fold=fold, source=f"baselines/{art.key[:12]}:{slug}",
+                          load=cached(load), info=info))
     return out
 
 
-def gather(inputs: dict) -> tuple[list[Entry], list[float], list[str]]:
-    """All entries (duplicates of (kind, name, setting, seed) dropped), the levels, warnings."""
-    entries: list[Entry] = []
-    warnings: list[str] = []
-    levels: list[float] | None = None
+def gather(inputs: dict) -> tuple[list, list[float]]:
+    results: list = []
+    levels = None
     for art in inputs.get("evals") or []:
-        entries += _eval_entries(art)
+        results += _eval_results(art)
         levels = levels or art.json("metrics.json").get("levels")
     for art in inputs.get("baselines") or []:
-        entries += _baseline_entries(art)
+        results += _baseline_results(art)
         levels = levels or art.json("baselines.json").get("levels")
-    seen: dict[tuple, str] = {}
-    kept = []
-    for e in entries:
-        k = (
-            e.kind == "sensitivity",
-            e.name,
-            e.setting if e.kind == "sensitivity" else None,
-            e.seed,
-        )
-        if k in seen:
-            warnings.append(
-                f"{e.name} seed {e.seed}: {e.source} duplicates {seen[k]}; kept the first"
-            )
-            continue
-        seen[k] = e.source
-        kept.append(e)
-    return kept, [float(v) for v in (levels or (0.7, 0.8, 0.9))], warnings
-
-
-def _level_index(levels: list[float], lv: float) -> int | None:
-    for i, v in enumerate(levels):
-        if abs(float(v) - lv) < 1e-9:
-            return i
-    return None
-
-
-def sweep_values(sweep: dict, view: str, levels: list[float]) -> dict[str, float]:
-    """Column values of the sweep view: AURCs (standard/balanced/worst) and errors at levels."""
-    v = (sweep.get("views") or {}).get(view)
-    if v is None:
-        return {}
-    out = {f"aurc_{k}": float(x) for k, x in v.get("aurc", {}).items()}
-    eac = v.get("errors_at_coverage") or {}
-    for lv in levels:
-        i = _level_index(eac.get("levels", []), lv)
-        if i is not None:
-            out[f"balanced_error@{lv:g}"] = float(eac["balanced"][i])
-            out[f"worst_error@{lv:g}"] = float(eac["worst"][i])
-    return out
-
-
-def refit_values(refit: dict | None, view: str, levels: list[float]) -> dict[str, float]:
-    """Column values of the refit view: balanced / worst-group error at each level."""
-    v = (refit or {}).get(view)
-    if not v:
-        return {}
-    out = {}
-    for lv in levels:
-        for row in v.get("rows", []):
-            if abs(float(row["coverage"]) - lv) < 1e-9:
-                out[f"balanced_error@{lv:g}"] = float(row["balanced_error"])
-                out[f"worst_error@{lv:g}"] = float(row["worst_group_error"])
-                break
-    return out
+    return results, [float(v) for v in (levels or (0.7, 0.8, 0.9))]
 
 
 def _slug(name: str) -> str:
     return re.sub(r"[^A-Za-z0-9]+", "-", name).strip("-").lower() or "method"
 
 
-def _by_name(entries: list[Entry]) -> dict[str, list[Entry]]:
-    out: dict[str, list[Entry]] = {}
-    for e in entries:
-        out.setdefault(e.name, []).append(e)
-    for v in out.values():
-        v.sort(key=lambda e: e.seed)
-    return out
-
-
-def _table_values(groups: dict[str, list[Entry]], fn: Callable[[Entry], dict]) -> dict:
-    """name -> {"seeds": [...], col: [values in seed order]} (only seeds that have the value)."""
-    out: dict[str, dict] = {}
-    for name, es in groups.items():
-        cols: dict[str, list[float]] = {}
-        seeds: dict[str, list[int]] = {}
-        for e in es:
-            for k, x in fn(e).items():
-                if x is not None and math.isfinite(x):
-                    cols.setdefault(k, []).append(x)
-                    seeds.setdefault(k, []).append(e.seed)
-        if cols:
-            out[name] = {"values": cols, "seeds": seeds}
-    return out
-
-
-def _summarise(vals: dict, columns: list, bold: dict, tests: dict, **info: Any) -> dict:
-    from ..report.tables import mean_std
-
-    rows = {}
-    for name, d in vals.items():
-        rows[name] = {}
-        for c in columns:
-            v = d["values"].get(c.key, [])
-            m, s = mean_std(v)
-            rows[name][c.key] = {
-                "values": v,
-                "seeds": d["seeds"].get(c.key, []),
-                "mean": m,
-                "std": s,
-            }
-    return {**info, "columns": [c.key for c in columns], "rows": rows, "bold": bold, "tests": tests}
+def _holm(pvals: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone)."""
+    m = len(pvals)
+    order = sorted(range(m), key=lambda i: pvals[i])
+    adj, run = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        run = max(run, min(1.0, (m - rank) * pvals[i]))
+        adj[i] = run
+    return adj
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
+
+    from ..errors import ArgseError
     from ..metrics import AURC_CONVENTION
-    from ..report import figures as F
+    from ..metrics.bootstrap import stat_names
     from ..report import tables as T
+    from ..report.compare import check_disjoint, compare, interval, method_stats, pool
 
-    entries, levels, warnings = gather(inputs)
-    if not entries:
-        from ..errors import ArgseError
-
-        raise ArgseError(
-            "report", "the inputs hold no results", "pass --eval KEY and/or --baselines KEY"
-        )
-    title = T.latex_escape(cfg.title)
-    formats = tuple(cfg.formats)
-    cols = T.default_columns(levels)
-    lv_txt = "/".join(f"{100 * v:g}" for v in levels)
-    bold_txt = (
-        f"{T.BOLD_RULE} Paired test: {N_BOOT} class-stratified resamples of the test set of the "
-        r"first seed both methods share, same weights; bold only if the best is lower."
-    )
+    results, levels = gather(inputs)
+    if not results:
+        raise ArgseError("report", "the inputs hold no results", "pass --eval KEY and/or --baselines KEY")
+    folds = sorted({r.fold for r in results})
+    fold_info = check_disjoint(results, folds)
+    pooled, warnings = pool(results, folds)
+    names_of = lambda kinds: list(dict.fromkeys(k[0] for k in sorted(pooled, key=lambda k: (  # noqa: E731
+        ["main", "baseline", "ablation", "sensitivity"].index(pooled[k].kind), k)) if pooled[k].kind in kinds))
+    eval_names, base_names = names_of(("main",)), names_of(("baseline",))
+    abl_names, sens_names = names_of(("ablation",)), names_of(("sensitivity",))
+    title, formats = T.latex_escape(cfg.title), tuple(cfg.formats)
+    cols, snames = T.default_columns(levels), stat_names(levels)
     doc: dict[str, Any] = {
-        "title": cfg.title,
-        "levels": levels,
-        "aurc_convention": AURC_CONVENTION,
-        "bold_rule": {"n_boot": N_BOOT, "seed": BOOT_SEED, "ci": 0.95},
-        "inputs": {
-            "evals": [a.key for a in inputs.get("evals") or []],
-            "baselines": [a.key for a in inputs.get("baselines") or []],
-        },
-        "tables": {},
-        "figures": [],
-        "warnings": warnings,
-    }
+        "title": cfg.title, "levels": levels, "aurc_convention": AURC_CONVENTION, "folds": fold_info,
+        "fold_keys": folds, "bootstrap": {"n_boot": cfg.n_boot, "seed": 0, "ci": 0.95,
+                                          "method": "class-stratified resamples of the pooled test rows; "
+                                                    "CI of the seed-mean statistic"},
+        "inputs": {"evals": [a.key for a in inputs.get("evals") or []],
+                   "baselines": [a.key for a in inputs.get("baselines") or []]},
+        "tables": {}, "comparisons": [], "figures": [], "warnings": warnings,
+    }  # fmt: skip
     written: list[str] = []
 
     def write_tex(name: str, tex: str) -> None:
         out.file_path(name).write_text(tex)
         written.append(name)
 
-    main_groups = _by_name([e for e in entries if e.kind in ("main", "baseline")])
-    eval_names = list(_by_name([e for e in entries if e.kind == "main"]))
-    base_names = [n for n in main_groups if n not in eval_names]
-    abl_groups = _by_name([e for e in entries if e.kind in ("main", "ablation")])
-    abl_names = [n for n in abl_groups if n not in eval_names]
+    stats_cache: dict[tuple[str, str], dict] = {}
 
-    def arrays_of(groups: dict[str, list[Entry]]) -> dict:
-        return {n: {e.seed: e.arrays for e in es} for n, es in groups.items()}
+    def stats(view: str, protocol: str, names: list[str]) -> dict:
+        have = stats_cache.setdefault((view, protocol), {})
+        need = [n for n in names if n not in have]
+        have.update(method_stats(pooled, need, view, protocol, levels, cfg.n_boot, progress=progress.log))
+        return {n: have[n] for n in names if n in have}
 
-    def sweep_table(
-        fname: str, tkey: str, groups: dict, sections: list, view: str, label: str, what: str
-    ) -> None:
-        vals = _table_values(groups, lambda e: sweep_values(e.sweep, view, levels))
-        if not vals:
+    def table(key: str, fname: str, names: list[str], sections: list[list[str]], view: str, protocol: str,
+              what: str) -> None:
+        ms = stats(view, protocol, names)
+        if not ms:
             return
-        progress.log(f"report: {fname}: paired bootstrap for the bold rule ({view})")
-        bold, tests = T.choose_bold(
-            {n: d["values"] for n, d in vals.items()},
-            arrays_of(groups),
-            {c.key: c.stat for c in cols},
-            view=view,
-            levels=levels,
-            n_boot=N_BOOT,
-            seed=BOOT_SEED,
-        )
-        caption = (
-            f"{title}: {what}. {_PROTOCOL_SWEEP}, {T.VIEW_PHRASE[view]}. Lower is better. "
-            f"{T.AURC_SENTENCE} Errors at {lv_txt}\\% weighted coverage. Mean $\\pm$ std over "
-            f"seeds. {bold_txt}"
-        )
-        write_tex(
-            fname,
-            T.main_table(
-                {n: d["values"] for n, d in vals.items()},
-                cols,
-                bold,
-                caption,
-                label,
-                sections=sections,
-            ),
-        )
-        doc["tables"][tkey] = _summarise(
-            vals, cols, bold, tests, file=fname, view=view, protocol="sweep"
-        )
+        values = {n: {s: ms[n].est[:, j].tolist() for j, s in enumerate(snames)} for n in ms}
+        bold, tests = {}, {}
+        for j, s in enumerate(snames):
+            ranked = sorted(ms, key=lambda n: float(ms[n].est[:, j].mean()))
+            bold[s] = None
+            if len(ranked) >= 2:
+                c = compare(ms[ranked[0]], ms[ranked[1]])
+                tests[s] = {"best": ranked[0], "runner_up": ranked[1], "diff": float(c["diff"][j]),
+                            "lo": float(c["lo"][j]), "hi": float(c["hi"][j])}
+                if c["hi"][j] < 0:
+                    bold[s] = ranked[0]
+        caption = (f"{title}: {what}. {_PROTOCOL[protocol]}, {T.VIEW_PHRASE[view]}. Lower is better. "
+                   f"{T.AURC_SENTENCE} Mean $\\pm$ std over seeds. {T.BOLD_RULE}")
+        write_tex(fname, T.main_table(values, cols, bold, caption, f"tab:{key}", sections=sections))
+        rows = {}
+        for n, m in ms.items():
+            lo, hi = interval(m.samples)
+            rows[n] = {s: {"values": values[n][s], "seeds": m.seeds, "mean": float(m.est[:, j].mean()),
+                           "std": float(m.est[:, j].std(ddof=1)) if len(m.seeds) > 1 else None,
+                           "ci": [float(lo[j]), float(hi[j])]} for j, s in enumerate(snames)}
+        doc["tables"][key] = {"file": fname, "view": view, "protocol": protocol, "columns": snames,
+                              "rows": rows, "bold": bold, "tests": tests}
 
-    for view, fname in (("lt", "main.tex"), ("bal", "main_balanced.tex")):
-        sweep_table(
-            fname,
-            f"main_{view}",
-            main_groups,
-            [eval_names, base_names],
-            view,
-            f"tab:main-{view}",
-            "selective classification on the test set",
-        )
+    main = eval_names + base_names
+    for view, suffix in (("lt", ""), ("bal", "_balanced")):
+        table(f"refit_{view}", f"main{suffix}.tex", main, [eval_names, base_names], view, "refit",
+              "selective classification on the test set")
+        table(f"sweep_{view}", f"sweep{suffix}.tex", main, [eval_names, base_names], view, "sweep",
+              "operating points swept over test (secondary view)")
     if abl_names:
-        sweep_table(
-            "ablations.tex",
-            "ablations_lt",
-            abl_groups,
-            [eval_names, abl_names],
-            "lt",
-            "tab:ablations-lt",
-            "ablations (AR-GSE rows for reference)",
-        )
+        table("ablations_lt", "ablations.tex", eval_names + abl_names, [eval_names, abl_names], "lt", "refit",
+              "ablations (AR-GSE rows for reference)")
+    if sens_names:
+        table("sensitivity_lt", "sensitivity.tex", sens_names, [sens_names], "lt", "refit", "sensitivity")
+    _comparisons(doc, stats, eval_names, base_names, snames, compare, _holm)
+    _figures(out, doc, written, formats, pooled, eval_names, main, levels, cfg, warnings)
+    _deferral(inputs, out, formats, written, doc, write_tex, cfg, T)
+    out.json("summary.json", doc)
+    written.append("summary.json")
+    out.meta.update(methods=main, ablations=abl_names, sensitivity=len(sens_names), n_folds=len(folds),
+                    seeds=sorted({k[1] for k in pooled}), levels=levels, files=sorted(written),
+                    warnings=warnings, verdict=doc.get("verdict"))
+    progress.log(f"report: {len(written)} files, {len(main)} methods, {len(folds)} fold(s)")
 
-    rcols = T.refit_columns(levels)
-    for view, fname in (("lt", "refit.tex"), ("bal", "refit_balanced.tex")):
-        vals = _table_values(main_groups, lambda e, v=view: refit_values(e.refit, v, levels))
-        if not vals:
-            continue
-        caption = (
-            f"{title}: coverage-matched comparison. {_PROTOCOL_REFIT}, {T.VIEW_PHRASE[view]}. "
-            f"Errors at {lv_txt}\\% weighted coverage; lower is better. Mean $\\pm$ std over "
-            r"seeds. No bold: the refitted rules are not stored, so no paired test is run."
-        )
-        write_tex(
-            fname,
-            T.main_table(
-                {n: d["values"] for n, d in vals.items()},
-                rcols,
-                None,
-                caption,
-                f"tab:refit-{view}",
-                sections=[eval_names, base_names],
-            ),
-        )
-        doc["tables"][f"refit_{view}"] = _summarise(
-            vals, rcols, {}, {}, file=fname, view=view, protocol="refit"
-        )
 
-    sens = [e for e in entries if e.kind == "sensitivity"]
-    if sens:
-        keys: list[tuple[str, str | None]] = []
-        for e in sens:
-            if (e.method, e.setting) not in keys:
-                keys.append((e.method, e.setting))
-        rows = []
-        for m, s in keys:
-            es = sorted((e for e in sens if e.method == m and e.setting == s), key=lambda e: e.seed)
-            vals = _table_values({m: es}, lambda e: sweep_values(e.sweep, "lt", levels))
-            d = vals.get(m, {"values": {}, "seeds": {}})
-            rows.append({"method": m, "setting": s, "values": d["values"], "seeds": d["seeds"]})
-        caption = (
-            f"{title}: sensitivity. {_PROTOCOL_SWEEP}, {T.VIEW_PHRASE['lt']}. Lower is better. "
-            f"{T.AURC_SENTENCE} Mean $\\pm$ std over seeds. No bold."
-        )
-        write_tex("sensitivity.tex", T.sensitivity_table(rows, cols, caption, "tab:sensitivity-lt"))
-        doc["tables"]["sensitivity_lt"] = {
-            "file": "sensitivity.tex",
-            "view": "lt",
-            "protocol": "sweep",
-            "columns": [c.key for c in cols],
-            "rows": [
-                {
-                    **r,
-                    "mean": {k: T.mean_std(v)[0] for k, v in r["values"].items()},
-                    "std": {k: T.mean_std(v)[1] for k, v in r["values"].items()},
-                }
-                for r in rows
-            ],
-        }
-        _figure(
-            out,
-            "sensitivity_lt",
-            formats,
-            written,
-            doc,
-            lambda p: F.plot_sensitivity(
-                rows, p, formats, key="aurc_balanced", view="lt", title=cfg.title
-            ),
-        )
+def _comparisons(doc: dict, stats: Callable, eval_names: list[str], base_names: list[str], snames: list[str],
+                 compare: Callable, holm: Callable) -> None:
+    """AR-GSE (balanced / worst) against U-PI, SB-PI, Plug-in[Worst] and every CS-plug-in (refit view)."""
+    import numpy as np
 
-    # ---- figures
-    first = {n: es[0] for n, es in main_groups.items()}
+    targets = [n for n in base_names if n in ("U-PI", "SB-PI", "Plug-in[Worst]") or n.startswith("CS-plug-in")]
+    rows = []
     for view in VIEWS:
-        curves = {n: e.curves[view] for n, e in first.items() if view in e.curves}
-        if not curves:
-            continue
+        ms = stats(view, "refit", eval_names + targets)
+        for a in [n for n in eval_names if n.startswith("AR-GSE") and n in ms]:
+            for b in [n for n in targets if n in ms]:
+                c = compare(ms[a], ms[b])
+                d = ms[a].samples - ms[b].samples
+                for stat in COMPARE_STATS:
+                    j = snames.index(stat)
+                    p = float(min(1.0, 2 * min(np.mean(d[:, j] <= 0), np.mean(d[:, j] >= 0))))
+                    rows.append({"a": a, "b": b, "view": view, "stat": stat, "diff": float(c["diff"][j]),
+                                 "lo": float(c["lo"][j]), "hi": float(c["hi"][j]), "p": p})
+    for r, ph in zip(rows, holm([r["p"] for r in rows]), strict=True):
+        r["p_holm"] = ph
+        r["outcome"] = "win" if r["hi"] < 0 else "loss" if r["lo"] > 0 else "tie"
+        r["outcome_holm"] = r["outcome"] if ph < 0.05 else "tie"
+    doc["comparisons"] = rows
+    wins = [r for r in rows if r["outcome_holm"] == "win"]
+    losses = [r for r in rows if r["outcome_holm"] == "loss"]
+    doc["verdict"] = {"n": len(rows), "wins": len(wins), "losses": len(losses),
+                      "wins_raw": sum(r["outcome"] == "win" for r in rows),
+                      "losses_raw": sum(r["outcome"] == "loss" for r in rows)}
+
+
+def _figures(out: Any, doc: dict, written: list, formats: tuple, pooled: dict, eval_names: list[str],
+             main: list[str], levels: list[float], cfg: Any, warnings: list[str]) -> None:
+    from ..metrics.rc import rc_curve
+    from ..metrics.refit import refit_rc
+    from ..report import figures as F
+
+    first = {}
+    for n in main:
+        keys = sorted(k for k in pooled if k[0] == n)
+        if keys:
+            first[n] = pooled[keys[0]]
+    for view in VIEWS:
+        curves = {}
+        for n, p in first.items():
+            if p.refit is not None:
+                S, P = p.refit[view]
+                curves[n] = refit_rc(S, P, p.y, p.c2g, p.w[view], view=view).to_dict()
+            else:
+                curves[n] = rc_curve(*p.sweep, p.y, p.c2g, p.w[view], view=view).to_dict()
         for kind in ("balanced", "worst"):
-            _figure(
-                out,
-                f"rc_{kind}_{view}",
-                formats,
-                written,
-                doc,
-                lambda p, c=curves, k=kind, v=view: F.plot_rc_curves(
-                    c, k, v, p, formats, levels=levels, title=cfg.title
-                ),
-            )
+            _figure(out, f"rc_{kind}_{view}", formats, written, doc,
+                    lambda path, c=curves, k=kind, v=view: F.plot_rc_curves(c, k, v, path, formats, levels=levels,
+                                                                             title=cfg.title))
     used: set[str] = set()
     for n in eval_names:
-        e = first[n]
+        p = first[n]
         slug = _slug(n)
         while slug in used:
             slug += "-x"
         used.add(slug)
-        a = e.arrays()
-        group = a["class_to_group"][a["y"]]
-        _figure(
-            out,
-            f"margin_{slug}",
-            formats,
-            written,
-            doc,
-            lambda p, a=a, g=group, n=n: F.plot_margin_hist(
-                a["score"], g, p, formats, weights=a["w_lt"], view="lt", title=n
-            ),
-        )
-        if e.gate is None:
-            continue
+        score, _ = p.sweep
+        _figure(out, f"margin_{slug}", formats, written, doc,
+                lambda path, p=p, s=score, n=n: F.plot_margin_hist(s, p.c2g[p.y], path, formats, weights=p.w["lt"],
+                                                                    view="lt", title=n))
+        r = p.parts[0]
         try:
-            gate = e.gate()
+            gate = r.gate()
             hist = gate.json("history.json")
         except Exception as ex:  # noqa: BLE001 - a missing gate only loses one figure
             warnings.append(f"{n}: no gate history ({ex.__class__.__name__}: {ex})")
             continue
-        gview = gate.meta.get("view") or gate.config.get("view") or "lt"
-        chosen = gate.meta.get("chosen_epoch")
-        _figure(
-            out,
-            f"trajectories_{slug}",
-            formats,
-            written,
-            doc,
-            lambda p, h=hist, gv=gview, c=chosen, n=n: F.plot_trajectories(
-                h, p, formats, view=gv, chosen_epoch=c, title=n
-            ),
-        )
-
-    _deferral(inputs, out, formats, written, doc, write_tex, cfg, T)
-    out.json("summary.json", doc)
-    written.append("summary.json")
-    out.meta.update(
-        methods=list(main_groups),
-        ablations=abl_names,
-        sensitivity=len(sens),
-        seeds=sorted({e.seed for e in entries}),
-        levels=levels,
-        files=sorted(written),
-        bold_main_lt=doc["tables"].get("main_lt", {}).get("bold", {}),
-        warnings=warnings,
-    )
-    progress.log(f"report: {len(written)} files, {len(main_groups)} methods")
+        if hist.get("epoch"):
+            _figure(out, f"trajectories_{slug}", formats, written, doc,
+                    lambda path, h=hist, g=gate: F.plot_training(h, path, formats,
+                                                                  chosen_epoch=g.meta.get("chosen_epoch")))
 
 
 def _deferral(inputs: dict, out: Any, formats: tuple, written: list, doc: dict,

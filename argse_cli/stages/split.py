@@ -17,7 +17,6 @@ from typing import Any
 
 STAGE = "split"
 VERSION = 2
-CODE = ("stages/split.py", "data/cifar.py", "data/longtail.py", "data/groups.py", "data/splits.py")
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:

@@ -12,10 +12,6 @@ from typing import Any
 
 STAGE = "train-expert"
 VERSION = 4
-CODE = (
-    "stages/train_expert.py", "experts/trainer.py", "experts/losses.py", "experts/augment.py",
-    "nn/resnet.py",
-)
 
 
 def pin_threads() -> None:

@@ -1,14 +1,16 @@
-"""Stage `train-gate`: gating network + primal-dual AR-GSE on tuneV, early stopping on val_small.
+"""Stage `train-gate`: the AR-GSE gate (trained on tuneV, epoch chosen on val_small) and its rule
+fitted by the one core on the trained mixture.
 
-Training rows stream from the export artifact (fp16 logits, row-chunked): each epoch the chunk
-order is shuffled, ``buffer_chunks`` chunks at a time are read, cast to float32, calibrated
-(temperatures and prior shift applied at read time) and shuffled within the buffer. At most
-``buffer_chunks`` chunks are resident. val_small (small) is read whole.
+Training rows stream from the export artifact (fp16 logits, row-chunked, :class:`ZarrSource`);
+val_small is read whole. After training, the mixture's per-group statistics on tuneV (streamed) and
+val_small feed the core at every coverage 0.01..1.00 and for both views (Algorithm 1 for
+``beta=balanced``, Algorithm 2 for ``beta=worst``); the artifact's rule is the cost-matched
+operating point for ``c`` in the config's view.
 
-Artifact: ``gate.safetensors`` (absent for the frozen uniform gate), arrays alpha, mu, lambda,
-beta (the chosen epoch), ``history.json`` (per-epoch trajectories: loss, coverage, per-group
-coverage and error on val_small, alpha, mu, lambda, beta), meta: tau, c, chosen epoch and the
-constraint residuals |alpha_k - K P(accept, g(y)=k)| on tuneV and val_small (target view).
+Artifact: ``gate.safetensors`` (absent for the frozen uniform gate); arrays alpha, mu, beta (the
+operating point's rule); ``curves.json`` (per view, per coverage: alpha, mu, beta, c, lambda, the
+selection score, widenings); ``history.json`` (per epoch); meta: the operating point, the chosen
+epoch and its criterion.
 """
 
 from __future__ import annotations
@@ -16,173 +18,142 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "train-gate"
-VERSION = 5
-CODE = (
-    "stages/train_gate.py", "gate_train.py", "nn/gate.py", "rejector.py", "stages/calibrate.py",
-)
+VERSION = 6
 
 
-class ZarrSource:
-    """Streams (post [B,E,C] float32, y, w) from an export artifact with bounded memory.
-
-    ``max_resident_rows`` records the most rows held at once (for the streaming test).
-    """
-
-    def __init__(self, export_art: Any, calib_art: Any, split: str, view: str, batch_size: int,
-                 seed: int, buffer_chunks: int = 4, experts: Any = None):
-        from .calibrate import log_prior
-
-        self.exp, self.split, self.view = export_art, split, view
-        self.batch_size, self.seed, self.buffer_chunks = batch_size, seed, buffer_chunks
-        self.experts = experts
-        self.log_pi = log_prior(export_art)
-        self.shift = calib_art.array("shift")
-        self.T = calib_art.array("temperature")
-        if experts is not None:
-            self.shift, self.T = self.shift[list(experts)], self.T[list(experts)]
-        self.n_chunks = export_art.n_chunks(f"{split}/logits")
-        self.n_rows = int(export_art.manifest["arrays"][f"{split}/logits"]["shape"][0])
-        self.max_resident_rows = 0
-
-    def _chunks(self, name: str, order: Any) -> Any:
-        return self.exp.iter_chunks(f"{self.split}/{name}", order=order)
-
-    def iter_epoch(self, epoch: int):
-        import numpy as np
-        import torch
-
-        from .calibrate import apply_calibration
-
-        rng = np.random.default_rng([self.seed, epoch])
-        order = rng.permutation(self.n_chunks)
-        wname = "w_lt" if self.view == "lt" else "w_bal"
-        info = self.exp.manifest["arrays"][f"{self.split}/logits"]
-        cr, dtype = int(info["chunk_rows"]), np.dtype(info["dtype"])
-        for b in range(0, len(order), self.buffer_chunks):
-            sel = order[b : b + self.buffer_chunks]
-            # the selected chunks decoded straight into one buffer (no list + concatenate copy)
-            f = np.empty((sum(min(cr, self.n_rows - int(i) * cr) for i in sel), *info["shape"][1:]), dtype)
-            at = 0
-            for _, blk in self._chunks("logits", sel):
-                f[at : at + len(blk)] = blk
-                at += len(blk)
-            if self.experts is not None:
-                f = f[:, list(self.experts)]
-            post = torch.from_numpy(apply_calibration(f, self.log_pi, self.shift, self.T))
-            del f
-            y = torch.from_numpy(np.concatenate([blk for _, blk in self._chunks("labels", sel)])).long()
-            w = torch.from_numpy(np.concatenate([blk for _, blk in self._chunks(wname, sel)])).float()
-            self.max_resident_rows = max(self.max_resident_rows, len(y))
-            perm = torch.from_numpy(rng.permutation(len(y)))
-            for i in range(0, len(perm), self.batch_size):
-                idx = perm[i : i + self.batch_size]
-                yield post[idx], y[idx], w[idx]
-            del post, y, w
-
-
-def recipe_from_config(cfg: Any) -> Any:
-    from ..gate_train import GateRecipe
-
-    return GateRecipe(
-        c=cfg.c, epochs=cfg.epochs, batch_size=cfg.batch_size, lr_gate=cfg.lr_gate,
-        lr_alpha_mu=cfg.lr_alpha_mu, rho=cfg.rho, lambda_max=cfg.lambda_max, alpha_min=cfg.alpha_min,
-        alpha_ema=cfg.alpha_ema, tau_start=cfg.tau_start, tau_end=cfg.tau_end,
-        tau_warmup_epochs=cfg.tau_warmup_epochs, lambda_ent=cfg.lambda_ent, hard_routing=cfg.hard_routing,
-        beta_mode=cfg.beta, xi=cfg.xi, patience=cfg.patience, view=cfg.view, hidden=tuple(cfg.hidden),
-        dropout=cfg.dropout, seed=cfg.seed, frozen_uniform_gate=cfg.uniform_gate,
-        gate_loss=cfg.gate_loss, rule_update=cfg.rule_update, M=cfg.M,
-    )
+def _weights_name(cfg: Any) -> str:
+    """Training-row weights: w_lt for the NLL (eta estimates P_train(y|x)); the view's otherwise."""
+    return "w_lt" if (cfg.gate_loss or "nll") == "nll" else ("w_lt" if cfg.view == "lt" else "w_bal")
 
 
 def fit_gate(cfg: Any, export_art: Any, calib_art: Any, progress: Any = None) -> Any:
-    """Train gate + rule from an export and a calibration (shared by the stage and ablations)."""
-    from ..gate_train import train_gate
-    from .calibrate import load_posteriors
+    """Train the gate of a (resolved) train-gate config on an export and a calibration."""
+    from ..core.expert_data import ZarrSource, load_posteriors
+    from ..core.gate_fit import train_gate
 
     experts = list(cfg.experts) if cfg.experts is not None else None
-    wname = "w_lt" if cfg.view == "lt" else "w_bal"
+    wname = _weights_name(cfg)
     val = load_posteriors(export_art, calib_art, "val_small", experts)
-    src = ZarrSource(export_art, calib_art, "tuneV", cfg.view, cfg.batch_size, cfg.seed,
-                     cfg.buffer_chunks, experts)
+    src = ZarrSource(export_art, calib_art, "tuneV", wname, cfg.batch_size or 256, cfg.seed or 0,
+                     cfg.buffer_chunks or 4, experts)
     c2g = export_art.array("class_to_group")
-    return train_gate(src, (val["post"], val["y"], val[wname]), c2g, recipe_from_config(cfg), progress)
+    return train_gate(src, (val["post"], val["y"], val[wname]), c2g, cfg, progress)
 
 
-def constraint_residuals(result: Any, data: dict, wname: str) -> list[float]:
-    """|alpha_k - K * P_w(accept, g(y) = k)| per group (hard rule, view weights self-normalised)."""
+def gate_views(model: Any, export_art: Any, calib_art: Any, split: str, experts: Any) -> dict:
+    """{view: Split} of the gate's mixture on a split, streamed chunk by chunk (O(N K) memory);
+    at most ``FIT_ROWS_MAX`` rows (:func:`argse_cli.evaluation.fit_rows`)."""
     import numpy as np
 
-    pred, accept = result.predict(data["post"])
-    w = data[wname] / data[wname].sum()
-    K = len(result.alpha)
-    p = np.bincount(data["group"], weights=w * accept, minlength=K)
-    return [float(v) for v in np.abs(result.alpha - K * p)]
+    from ..core.expert_data import ZarrSource
+    from ..core.plugin_fit import group_stats
+    from ..evaluation import fit_rows, views_of
+
+    c2g = export_art.array("class_to_group")
+    d = {k: export_art.array(f"{split}/{a}") for k, a in
+         (("y", "labels"), ("w_lt", "w_lt"), ("w_bal", "w_bal"))}
+    parts = []
+    for post, _y, _w in ZarrSource(export_art, calib_art, split, "w_lt", 1, 0, 4, experts).iter_rows():
+        parts.append(group_stats(model.mixture(post), c2g))
+    Mx, A, E = (np.concatenate([p[i] for p in parts]) for i in range(3))
+    keep = fit_rows(d["y"])
+    if keep is not None:
+        Mx, A, E = Mx[keep], A[keep], E[keep]
+        d = {k: v[keep] for k, v in d.items()}
+    return views_of(Mx, A, E, d, c2g)
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     import numpy as np
 
-    from ..gate_train import GateDiverged
-    from .calibrate import load_posteriors
-    from .train_expert import pin_threads
+    from ..evaluation import fit_curves, operating_rule
+    from ..runtime import pin_threads
 
     pin_threads()
     exp, cal = inputs["export"], inputs["calibrate"]
-    try:
-        res = fit_gate(cfg, exp, cal, progress)
-    except GateDiverged:
-        raise
-    if res.gate_state is not None:
+    experts = list(cfg.experts) if cfg.experts is not None else None
+    fit = fit_gate(cfg, exp, cal, progress)
+    if fit.gate_state is not None:
         from safetensors.numpy import save
 
-        out.file_path("gate.safetensors").write_bytes(
-            save({k: v.numpy() for k, v in res.gate_state.items()})
-        )
-    for name, v in (("alpha", res.alpha), ("mu", res.mu), ("lambda", res.lam), ("beta", res.beta)):
-        out.array(name, np.asarray(v, np.float64))
-    out.json("history.json", res.history)
-    wname = "w_lt" if cfg.view == "lt" else "w_bal"
-    experts = list(cfg.experts) if cfg.experts is not None else None
-    diag = {}
-    for s in ("tuneV", "val_small"):
-        diag[s] = constraint_residuals(res, load_posteriors(exp, cal, s, experts), wname)
-    h = res.history
-    i = h["epoch"].index(res.chosen_epoch)
+        out.file_path("gate.safetensors").write_bytes(save({k: v.numpy() for k, v in fit.gate_state.items()}))
+    progress.log(f"train-gate: fitting the rule at 100 coverages x 2 views "
+                 f"({'Algorithm 2' if cfg.beta == 'worst' else 'Algorithm 1'})")
+    splits = {s: gate_views(fit.model, exp, cal, s, experts) for s in ("tuneV", "val_small")}
+    curves = fit_curves(splits, worst=cfg.beta == "worst", T=cfg.T or 10, xi=cfg.xi or 1.0)
+    rule, q = operating_rule(curves, cfg.c, cfg.view)
+    out.array("alpha", rule.alpha)
+    out.array("mu", rule.mu)
+    out.array("beta", rule.beta if rule.beta is not None else np.full(rule.K, 1.0 / rule.K))
+    out.json("curves.json", {v: c.to_dict() for v, c in curves.items()})
+    out.json("history.json", fit.history)
     out.meta.update(
-        tau=float(res.tau), c=float(res.c), chosen_epoch=int(res.chosen_epoch), epochs_run=len(h["epoch"]),
-        in_dim=int(res.in_dim), num_experts=int(res.num_experts), experts=experts,
-        alpha=res.alpha.tolist(), mu=res.mu.tolist(), beta=res.beta.tolist(), view=cfg.view,
-        val_objective=float(h["objective"][i]), val_coverage=float(h["coverage"][i]),
-        val_group_error=list(h["group_error"][i]), constraint_residual=diag,
-    )
+        c=float(rule.c), cost=float(cfg.c), operating_coverage=q, view=cfg.view, uniform_beta=rule.beta is None,
+        chosen_epoch=int(fit.chosen_epoch), criterion=fit.criterion, stopped_early=bool(fit.stopped_early),
+        epochs_run=len(fit.history.get("epoch", [])), in_dim=int(fit.in_dim), num_experts=int(fit.num_experts),
+        experts=experts, alpha=rule.alpha.tolist(), mu=rule.mu.tolist(),
+        beta=None if rule.beta is None else rule.beta.tolist(),
+        lambda_at_bound=int(sum(int(np.sum(c.at_bound)) for c in curves.values())),
+        selective_rule=None if fit.rule_state is None else {k: np.asarray(v).tolist() if not isinstance(v, float)
+                                                            else v for k, v in fit.rule_state.items()},
+    )  # fmt: skip
     progress.log(
-        f"train-gate ({cfg.beta}): chosen epoch {res.chosen_epoch}, val objective {h['objective'][i]:.4f}, "
-        f"coverage {h['coverage'][i]:.3f}, alpha {np.round(res.alpha, 3).tolist()}, mu {np.round(res.mu, 3).tolist()}"
+        f"train-gate ({cfg.beta}): epoch {fit.chosen_epoch + 1} by {fit.criterion}; operating point "
+        f"q = {q:.2f} for c = {cfg.c:g}, alpha {np.round(rule.alpha, 3).tolist()}, mu {np.round(rule.mu, 3).tolist()}"
     )
 
 
-def load_gate(art: Any) -> Any:
-    """Rebuild the trained rule (GateResult) from a train-gate artifact (no code execution)."""
+class GatedRule:
+    """A stored gate and its operating-point rule: ``decide(post) -> (eta, pred, margin)`` in one
+    forward pass of the gate (accept iff margin >= 0)."""
+
+    def __init__(self, model: Any, rule: Any, curves: dict, meta: dict):
+        self.model, self.rule, self.curves, self.meta = model, rule, curves, meta
+
+    def weights(self, post: Any) -> Any:
+        return self.model.weights(post)
+
+    def mixture(self, post: Any) -> Any:
+        return self.model.mixture(post)
+
+    def decide(self, post: Any) -> tuple[Any, Any, Any]:
+        import numpy as np
+
+        eta = self.model.mixture(post)
+        return eta, np.asarray(self.rule.predict(eta), np.int64), self.rule.margin(eta).astype(np.float32)
+
+    def margin(self, post: Any) -> Any:
+        return self.decide(post)[2]
+
+    def predict(self, post: Any) -> tuple[Any, Any]:
+        _, pred, m = self.decide(post)
+        return pred, m >= 0
+
+
+def load_gate(art: Any) -> GatedRule:
+    """The gate and rule of a train-gate artifact (weights read through their checksum; no code runs)."""
     import numpy as np
 
-    from ..config import TrainGateConfig
-    from ..gate_train import GateResult
+    from ..core.gate import GatingNet
+    from ..core.gate_fit import GateModel
+    from ..core.plugin_fit import PluginCurve
+    from ..core.rule import PluginRule
 
-    cfg = TrainGateConfig.model_validate(art.config)
-    state = None
+    cfg = art.config
+    net = None
     if "gate.safetensors" in art.manifest.get("files", {}):
         from safetensors.torch import load
 
-        state = load(art.read_bytes("gate.safetensors"))
-    exp = art.upstream("export")
-    return GateResult(
-        gate_state=state, alpha=art.array("alpha"), mu=art.array("mu"), lam=art.array("lambda"),
-        beta=art.array("beta"), tau=art.meta["tau"], c=art.meta["c"], chosen_epoch=art.meta["chosen_epoch"],
-        history=art.json("history.json"), recipe=recipe_from_config(cfg),
-        class_to_group=np.asarray(exp.array("class_to_group")), num_experts=art.meta["num_experts"],
-        in_dim=art.meta["in_dim"],
-    )
+        net = GatingNet(art.meta["in_dim"], art.meta["num_experts"], tuple(cfg["hidden"]), cfg["dropout"])
+        net.load_state_dict(load(art.read_bytes("gate.safetensors")))
+        net.eval()
+    model = GateModel(net, int(art.meta["num_experts"]), bool(cfg.get("hard_routing") or False))
+    c2g = np.asarray(art.upstream("export").array("class_to_group"), np.int64)
+    beta = None if art.meta.get("uniform_beta", True) else art.array("beta")
+    rule = PluginRule(art.array("alpha"), art.array("mu"), float(art.meta["c"]), beta, c2g)
+    curves = {v: PluginCurve.from_dict(d) for v, d in art.json("curves.json").items()}
+    return GatedRule(model, rule, curves, dict(art.meta))
 
 
 def summary(meta: dict) -> str:
-    return f"epoch={meta.get('chosen_epoch')} obj={meta.get('val_objective', float('nan')):.4f}"
+    return f"epoch={meta.get('chosen_epoch')} q*={meta.get('operating_coverage', float('nan')):.2f}"

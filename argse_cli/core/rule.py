@@ -22,11 +22,13 @@ arithmetic is float32 at least (fp16 inputs are promoted).
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
 __all__ = [
+    "PluginRule",
     "acceptance_prob",
     "chow_margin",
     "fix_mu_gauge",
@@ -134,3 +136,102 @@ def fix_mu_gauge(mu: Any, c: float) -> tuple[Any, float]:
     mu = np.asarray(mu, dtype=np.float64)
     d = float(mu[-1])
     return mu - d, c + d
+
+
+# --------------------------------------------------------------------------- fitted rules
+
+
+def _c2g(class_to_group: Any) -> np.ndarray:
+    g = np.asarray(class_to_group, dtype=np.int64).reshape(-1)
+    if g.size == 0 or g.min() < 0:
+        raise ValueError("class_to_group must be non-empty with groups in 0..K-1")
+    K = int(g.max()) + 1
+    if np.unique(g).size != K:
+        raise ValueError("every group 0..K-1 must own at least one class")
+    return g
+
+
+def _np_eta(eta: Any) -> np.ndarray:
+    """eta as a numpy array (float32 kept, float64 kept, anything else -> float32)."""
+    if type(eta).__module__.startswith("torch"):
+        eta = eta.detach().cpu().numpy()
+    a = np.asarray(eta)
+    return a if a.dtype in (np.float32, np.float64) else a.astype(np.float32)
+
+
+@dataclass(frozen=True, eq=False)
+class PluginRule:
+    """The group-aware plug-in rule (Theorem 1): u_k = K beta_k / alpha_k,
+
+    h(x) = argmax_y u_[g(y)] eta_y,
+    m(x) = max_y u_[g(y)] eta_y - sum_y (u_[g(y)] - mu_[g(y)]) eta_y + c, accept iff m >= 0.
+
+    ``mu`` is stored in the gauge mu_[K-1] = 0: a ``mu`` given with mu_[K-1] != 0 is moved there
+    by :func:`fix_mu_gauge` (c absorbs mu_[K-1]; every margin is unchanged).
+    """
+
+    alpha: np.ndarray
+    mu: np.ndarray
+    c: float
+    beta: np.ndarray | None
+    class_to_group: np.ndarray
+
+    def __post_init__(self) -> None:
+        alpha = np.asarray(self.alpha, dtype=np.float64).reshape(-1)
+        mu = np.asarray(self.mu, dtype=np.float64).reshape(-1)
+        c = float(self.c)
+        c2g = _c2g(self.class_to_group)
+        K = int(c2g.max()) + 1
+        if alpha.shape != (K,) or mu.shape != (K,):
+            raise ValueError(f"alpha and mu must have K={K} entries")
+        if np.any(alpha <= 0):
+            raise ValueError("alpha must be > 0")
+        if mu[-1] != 0.0:
+            mu, c = fix_mu_gauge(mu, c)
+            mu[-1] = 0.0
+        beta = self.beta
+        if beta is not None:
+            beta = np.asarray(beta, dtype=np.float64).reshape(-1)
+            if beta.shape != (K,):
+                raise ValueError(f"beta must have K={K} entries")
+        object.__setattr__(self, "alpha", alpha)
+        object.__setattr__(self, "mu", mu)
+        object.__setattr__(self, "c", c)
+        object.__setattr__(self, "beta", beta)
+        object.__setattr__(self, "class_to_group", c2g)
+
+    @property
+    def K(self) -> int:
+        return int(self.alpha.shape[0])
+
+    def base_margin(self, eta: Any) -> np.ndarray:
+        """m(x) - c in float64 (``plugin_margin`` with c = 0, computed in eta's precision)."""
+        m0 = plugin_margin(_np_eta(eta), self.alpha, self.mu, 0.0, self.class_to_group, self.beta)
+        return np.asarray(m0, dtype=np.float64)
+
+    def margin(self, eta: Any) -> np.ndarray:
+        """m(x) = base_margin(x) + c (float64); accept iff m >= 0."""
+        return self.base_margin(eta) + self.c
+
+    def predict(self, eta: Any) -> np.ndarray:
+        """h(x) = argmax_y u_[g(y)] eta_y (``plugin_predict``)."""
+        return np.asarray(plugin_predict(_np_eta(eta), self.alpha, self.class_to_group, self.beta))
+
+    def accept(self, eta: Any) -> np.ndarray:
+        return self.margin(eta) >= 0.0
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "kind": "plugin",
+            "alpha": self.alpha.tolist(),
+            "mu": self.mu.tolist(),
+            "c": self.c,
+            "beta": None if self.beta is None else self.beta.tolist(),
+            "class_to_group": self.class_to_group.tolist(),
+        }
+
+    @classmethod
+    def from_dict(cls, d: dict[str, Any]) -> PluginRule:
+        if d.get("kind", "plugin") != "plugin":
+            raise ValueError(f"not a plug-in rule: kind={d.get('kind')!r}")
+        return cls(d["alpha"], d["mu"], d["c"], d.get("beta"), d["class_to_group"])

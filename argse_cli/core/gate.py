@@ -14,10 +14,7 @@ with ``p_e`` the posterior of expert e and ``pbar = (1/E) sum_e p_e``:
 5. KL to the mean     ``KL(p_e || pbar) = sum_y p_ey (log p_ey - log pbar_y)``
 6. cosine to the mean ``<p_e, pbar> / (|p_e| |pbar|)``
 
-None of these depends on C, so the gate input width is ``7*E``. Optionally, a fixed random
-projection of the logits is appended: ``z_e @ R`` with ``R ~ N(0, 1)^[C, d] / sqrt(d)`` drawn
-from a seeded generator (recommended d in 64..128), adding ``E*d`` columns (this part depends
-on C; it is optional).
+None of these depends on C, so the gate input width is ``7*E`` for any number of classes.
 """
 
 from __future__ import annotations
@@ -35,7 +32,6 @@ __all__ = [
     "build_gating_features",
     "feature_dim",
     "mixture_posterior",
-    "random_projection_matrix",
     "straight_through_top1",
 ]
 
@@ -43,16 +39,9 @@ FEATURES_PER_EXPERT = 7
 _EPS = 1e-12
 
 
-def feature_dim(num_experts: int, projection_dim: int = 0) -> int:
-    """Gate input width F = 7*E + E*projection_dim."""
-    return FEATURES_PER_EXPERT * num_experts + num_experts * max(int(projection_dim), 0)
-
-
-def random_projection_matrix(num_classes: int, projection_dim: int, seed: int = 0) -> np.ndarray:
-    """Fixed Gaussian projection R [C, d] = N(0, 1) / sqrt(d) from ``numpy.random.default_rng(seed)``."""
-    rng = np.random.default_rng(seed)
-    r = rng.standard_normal((num_classes, projection_dim))
-    return (r / np.sqrt(projection_dim)).astype(np.float32)
+def feature_dim(num_experts: int) -> int:
+    """Gate input width F = 7*E."""
+    return FEATURES_PER_EXPERT * num_experts
 
 
 def _per_expert_features(p: torch.Tensor) -> torch.Tensor:
@@ -73,33 +62,17 @@ def _per_expert_features(p: torch.Tensor) -> torch.Tensor:
     return torch.stack([entropy, topk_mass, residual, pmax, gap, kl, cos], dim=-1)
 
 
-def build_gating_features(
-    posteriors: Any, logits: Any = None, projection_dim: int = 0, seed: int = 0
-) -> Any:
-    """Gate input features [B, F] float32 from expert posteriors [B, E, C].
-
-    F = 7*E (entropy, top-k mass, residual mass, max prob, top1-top2 gap, KL(p_e || pbar),
-    cos(p_e, pbar) per expert, expert-major) plus E*projection_dim columns ``logits_e @ R``
-    when ``projection_dim > 0`` (``logits`` [B, E, C] required then; R from
-    :func:`random_projection_matrix` with ``seed``). numpy in -> numpy out, torch in -> torch
-    out (same device). Computed in float32 whatever the input precision.
-    """
+def build_gating_features(posteriors: Any) -> Any:
+    """Gate input features [B, 7*E] float32 from expert posteriors [B, E, C] (see the module docstring;
+    expert-major). numpy in -> numpy out, torch in -> torch out (same device); float32 whatever the
+    input precision."""
     as_numpy = not isinstance(posteriors, torch.Tensor)
     p = torch.as_tensor(np.asarray(posteriors)) if as_numpy else posteriors
     if p.ndim != 3:
         raise ValueError(f"posteriors must be [B, E, C], got shape {tuple(p.shape)}")
     p = p.float()
-    B, E, C = p.shape
+    B, E, _ = p.shape
     feats = _per_expert_features(p).reshape(B, FEATURES_PER_EXPERT * E)
-    if projection_dim and projection_dim > 0:
-        if logits is None:
-            raise ValueError("projection_dim > 0 needs logits [B, E, C]")
-        z = logits if isinstance(logits, torch.Tensor) else torch.as_tensor(np.asarray(logits))
-        z = z.to(p.device).float()
-        if tuple(z.shape) != (B, E, C):
-            raise ValueError(f"logits must have shape {(B, E, C)}, got {tuple(z.shape)}")
-        R = torch.from_numpy(random_projection_matrix(C, int(projection_dim), seed)).to(p.device)
-        feats = torch.cat([feats, (z @ R).reshape(B, E * int(projection_dim))], dim=-1)
     return feats.cpu().numpy() if as_numpy else feats
 
 
