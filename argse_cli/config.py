@@ -61,24 +61,31 @@ def _scalar_kind(ann: Any) -> Any:
     return {bool: "bool", int: "int", float: "float"}.get(ann)
 
 
-def _check_kind(v: Any, kind: Any) -> None:
+# a number as YAML 1.2 spells it: PyYAML (YAML 1.1) reads 1e-3 (no dot) as a string
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _check_kind(v: Any, kind: Any) -> Any:
     """Values are taken as typed (YAML and --set parse them): a boolean is not a number, a
-    string is not a number or a boolean, 2.0 is not an integer."""
+    string is not a boolean or an integer, 2.0 is not an integer. The one conversion: a float
+    field takes a string that spells a number (``1e-3``, which PyYAML leaves a string)."""
     if v is None or kind is None:
-        return
+        return v
     if isinstance(kind, tuple):
         if isinstance(v, (list, tuple)):
+            out = []
             for i, x in enumerate(v):
                 try:
-                    _check_kind(x, kind[1])
+                    out.append(_check_kind(x, kind[1]))
                 except ValueError as e:
                     raise ValueError(f"item {i}: {e}") from None
-        return
+            return type(v)(out)
+        return v
     name = {"bool": "a boolean (true / false)", "int": "an integer", "float": "a number"}[kind]
     if kind == "bool":
         if not isinstance(v, bool):
             raise ValueError(f"must be {name}, not {type(v).__name__} {v!r:.40}")
-        return
+        return v
     if isinstance(v, bool):
         raise ValueError(f"must be {name}, not a boolean ({v!r})")
     if kind == "int":
@@ -86,8 +93,12 @@ def _check_kind(v: Any, kind: Any) -> None:
             raise ValueError(f"must be {name}, not {type(v).__name__} {v!r:.40}")
         if not -INT_MAX <= v < INT_MAX:
             raise ValueError(f"{v:.3g} is out of range (|value| < 2**63)")
-    elif not isinstance(v, (int, float)):
+        return v
+    if isinstance(v, str) and _FLOAT_TEXT.match(v.strip()):
+        return float(v)
+    if not isinstance(v, (int, float)):
         raise ValueError(f"must be {name}, not {type(v).__name__} {v!r:.40}")
+    return v
 
 
 class StageConfig(BaseModel):
@@ -100,9 +111,7 @@ class StageConfig(BaseModel):
     @classmethod
     def _strict_scalars(cls, v: Any, info: ValidationInfo) -> Any:
         f = cls.model_fields.get(info.field_name or "")
-        if f is not None:
-            _check_kind(v, _scalar_kind(f.annotation))
-        return v
+        return _check_kind(v, _scalar_kind(f.annotation)) if f is not None else v
 
     def key_payload(self) -> dict[str, Any]:
         """The config as it enters the cache key: JSON-mode dump minus runtime-only fields."""

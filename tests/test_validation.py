@@ -40,7 +40,8 @@ REFUSED = [
     ("train-gate", {"epochs": 2.0}, "train_gate.epochs", "integer"),
     ("train-gate", {"epochs": "3"}, "train_gate.epochs", "integer"),
     ("train-gate", {"lr_gate": True}, "train_gate.lr_gate", "boolean"),
-    ("train-gate", {"lr_gate": "0.1"}, "train_gate.lr_gate", "number"),
+    ("train-gate", {"lr_gate": "fast"}, "train_gate.lr_gate", "number"),
+    ("train-gate", {"lr_gate": "1e-3x"}, "train_gate.lr_gate", "number"),
     ("train-gate", {"hard_routing": 1}, "train_gate.hard_routing", "boolean"),
     ("train-gate", {"seed": 99999999999999999999999}, "train_gate.seed", "out of range"),
     ("train-gate", {"seed": 2**32}, "train_gate.seed", "less than 4294967296"),
@@ -69,6 +70,18 @@ def test_bad_values_are_refused_by_the_config_model(stage, data, field, word):
 ])  # fmt: skip
 def test_edge_values_are_accepted(stage, data):
     validate(stage, data)
+
+
+def test_exponent_notation_is_a_number_not_a_string():
+    """PyYAML (YAML 1.1) reads `1e-3` as a string; float fields take the number it spells."""
+    from argse_cli.pipeline import parse_set
+
+    over = parse_set(["lr_gate=1e-3", "xi=2E1", "human_noise=[1e-1, .5]"])
+    assert over["lr_gate"] == "1e-3"  # what PyYAML gives
+    assert validate("train-gate", {"lr_gate": over["lr_gate"]}).lr_gate == 0.001
+    assert validate("eval", {"human_noise": over["human_noise"]}).human_noise == (0.1, 0.5)
+    with pytest.raises(ArgseError, match="integer"):
+        validate("train-gate", {"epochs": "1e3"})  # an integer field takes integers only
 
 
 def test_yaml_epochs_true_is_refused_not_read_as_1(tmp_path):
