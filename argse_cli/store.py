@@ -231,14 +231,16 @@ def _free_bytes(path: Path) -> int | None:
 
 
 def place_error(
-    e: OSError, field: str, path: Path | None, needed: int | None = None, given: int = 0
+    e: OSError, field: str, path: Path | None, needed: int | None = None, given: int = 0,
+    free: int | None = None,
 ) -> ArgseError:
     """One line for a write that failed for lack of space, a read-only file system or a
     permission: which path, and for a full disk how much the artifact needed (its temp dir on
     disk when the write failed, and the array bytes handed to the writer so far) vs what is free."""
     where = e.filename or path
     if e.errno in (errno.ENOSPC, errno.EDQUOT):
-        free = _free_bytes(Path(where) if where else Path("."))
+        if free is None:
+            free = _free_bytes(Path(where) if where else Path("."))
         need = ""
         if needed is not None:
             of = f" ({_mib(given)} of array data given to the writer)" if given else ""
@@ -1195,11 +1197,12 @@ class Store:
             w._close_metrics()
             place = place_errno(e)
             needed = _tree_size(tmp) if place is not None else 0
+            free = _free_bytes(tmp) if place is not None else None  # at the failure, not after
             keep = resumable and any(p.is_file() for p in (tmp / SCRATCH).rglob("*"))
             if not keep:
                 shutil.rmtree(tmp, ignore_errors=True)
             if place is not None:
-                raise place_error(place, "--store", tmp, needed, w.bytes_given) from None
+                raise place_error(place, "--store", tmp, needed, w.bytes_given, free) from None
             raise
 
     def _publish(self, tmp: Path, stage: str, key: str, replace: bool) -> bool:
