@@ -26,6 +26,7 @@ Python API::
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -179,13 +180,14 @@ def apply_files(
     row blocks; write ``pred``, ``margin``, ``accept`` per row to ``out`` (.npz or .csv)."""
     from .readers import open_logits
     from .stages.import_logits import scan_source, storage_dtype
-    from .store import Store
+    from .store import Store, check_out_file
 
     out_p = Path(out)
     if out_p.suffix.lower() not in (".npz", ".csv"):
         raise ArgseError(
             "--out", f"{out} must end in .npz or .csv", "write e.g. --out decisions.npz"
         )
+    check_out_file(out_p)  # a directory, or a place that cannot be written: refused before any work
     rej = load_rejector(gate_key, Store(store_root) if store_root is not None else None)
     srcs = [open_logits(f, f"--logits[{i}]") for i, f in enumerate(logits_files)]
     for i, s in enumerate(srcs):
@@ -216,12 +218,36 @@ def apply_files(
         r = rej.apply([s.read(a, b) for s in srcs], storage)
         pred[a:b], margin[a:b] = r["pred"], r["margin"]
     accept = margin >= 0
-    out_p.parent.mkdir(parents=True, exist_ok=True)
-    if out_p.suffix.lower() == ".npz":
-        np.savez(out_p, pred=pred, margin=margin, accept=accept)
-    else:
-        with open(out_p, "w") as fh:
-            fh.write("row,pred,margin,accept\n")
-            for i in range(n):
-                fh.write(f"{i},{int(pred[i])},{float(margin[i])!r},{int(accept[i])}\n")
+    _write_decisions(out_p, pred, margin, accept)
     return str(out_p)
+
+
+def _write_decisions(out_p: Path, pred: np.ndarray, margin: np.ndarray, accept: np.ndarray) -> None:
+    """Write atomically (temp file + rename): a failure never leaves half a file at ``out_p``;
+    a full disk / read-only place / permission problem is one line naming the path."""
+    import os
+
+    from .store import place_errno, place_error
+
+    suffix = out_p.suffix.lower()
+    tmp = out_p.with_name(f".{out_p.stem}.{os.getpid()}.partial{suffix}")
+    try:
+        out_p.parent.mkdir(parents=True, exist_ok=True)
+        if suffix == ".npz":
+            np.savez(tmp, pred=pred, margin=margin, accept=accept)
+        else:
+            with open(tmp, "w") as fh:
+                fh.write("row,pred,margin,accept\n")
+                for i in range(len(pred)):
+                    fh.write(f"{i},{int(pred[i])},{float(margin[i])!r},{int(accept[i])}\n")
+        os.replace(tmp, out_p)
+    except OSError as e:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        if place_errno(e) is None:
+            raise
+        raise place_error(e, "--out", out_p) from None
+    except BaseException:
+        with contextlib.suppress(OSError):
+            tmp.unlink()
+        raise

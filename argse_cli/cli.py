@@ -27,10 +27,19 @@ ForceOpt = Annotated[bool, typer.Option("--force", help="recompute even if the a
 PrintCfgOpt = Annotated[bool, typer.Option("--print-config", help="show the resolved config and key; run nothing")]
 PrintKeyOpt = Annotated[bool, typer.Option("--print-key", help="print only the key; run nothing")]
 QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+RehashOpt = Annotated[bool, typer.Option("--rehash", help="hash the input files' contents again, ignoring the (path, size, mtime) memo")]
+
+
+def _one_line(msg: str) -> str:
+    """Control characters (a newline in a field name or a file path) shown escaped: the error
+    stays one line."""
+    import re
+
+    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], msg)
 
 
 def _fail(msg: str) -> None:
-    print(f"error: {msg}", file=sys.stderr, flush=True)
+    print(f"error: {_one_line(msg)}", file=sys.stderr, flush=True)
     raise typer.Exit(2)
 
 
@@ -53,12 +62,12 @@ def handled(fn):
     return wrapper
 
 
-def _pipeline(config: Path | None, store: Path | None, dry: bool = False):
+def _pipeline(config: Path | None, store: Path | None, dry: bool = False, rehash: bool = False):
     from .pipeline import Pipeline, load_file
     from .store import Store
 
     # dry (--print-config / --print-key): nothing may be written, not even the fingerprint memo
-    return Pipeline(load_file(config), Store(store), memo=not dry)
+    return Pipeline(load_file(config), Store(store), memo=not dry, rehash=rehash)
 
 
 def _update_given(over: dict[str, Any], **opts: Any) -> None:
@@ -95,11 +104,12 @@ def split(
     print_config: PrintCfgOpt = False,
     print_key: PrintKeyOpt = False,
     quiet: QuietOpt = False,
+    rehash: RehashOpt = False,
 ) -> None:
     """Long-tailed subset, class->group map and leak-free splits of CIFAR-10/100."""
     from .pipeline import parse_set
 
-    p = _pipeline(config, store, dry=print_config or print_key)
+    p = _pipeline(config, store, dry=print_config or print_key, rehash=rehash)
     over: dict[str, Any] = parse_set(set_)
     _update_given(over, dataset=dataset, imbalance_factor=imbalance_factor, seed=seed, protocol=protocol,
                 group_rule=group_rule, download=download,
@@ -119,6 +129,14 @@ def split(
         from .stages.split import print_table
 
         print_table(p.store.open("split", key))
+
+
+def _parse_ints(text: str, field: str) -> list[int]:
+    """A comma list of integers (``42,43,44``); one-line error otherwise."""
+    try:
+        return [int(x) for x in text.split(",")]
+    except ValueError:
+        raise ArgseError(field, f"{text!r} is not a comma list of integers", "e.g. 42,43,44") from None
 
 
 def _parse_fractions(text: str, protocol: str) -> dict[str, float]:
@@ -280,6 +298,10 @@ def train_gate(
     _gate_overrides(p, set_, beta, xi, c, epochs, seed, view, uniform_gate, hard_routing)
     cfg = p.config("train-gate")
     up, st = p.gate_upstream()
+    if cfg.experts is not None and p.store.exists(st["export"], up["export"]):
+        num = p.store.open(st["export"], up["export"]).meta.get("num_experts")
+        if isinstance(num, int):
+            cfg.check_experts(num)  # experts=[5] with E = 4: refused before any work
     key = key_of("train-gate", cfg, up)
     if _emit("train-gate", cfg, key, print_config, print_key):
         return
@@ -342,7 +364,7 @@ def baselines(
     over = parse_set(set_)
     _update_given(over, c=c, n_boot=n_boot)
     if seeds:
-        over["seeds"] = [int(s) for s in seeds.split(",")]
+        over["seeds"] = _parse_ints(seeds, "--seeds")
     p.override("baselines", over)
     cfg = p.config("baselines")
     gkey = p.store.resolve(gate, "train-gate")[1] if gate else p.gate_key()
@@ -377,6 +399,10 @@ def report(
     p = _pipeline(config, store, dry=print_config or print_key)
     p.override("report", parse_set(set_))
     cfg = p.config("report")
+    if out is not None:
+        from .store import check_out_dir
+
+        check_out_dir(out)  # before any work
     evals = [p.store.resolve(k, "eval")[1] for k in eval_keys or []]
     bases = [p.store.resolve(k, "baselines")[1] for k in baseline_keys or []]
     if not evals and not bases:
@@ -404,6 +430,7 @@ def import_logits(
     print_config: PrintCfgOpt = False,
     print_key: PrintKeyOpt = False,
     quiet: QuietOpt = False,
+    rehash: RehashOpt = False,
 ) -> None:
     """Import experts' logits trained elsewhere (pipeline file with an import_logits section)."""
     from .pipeline import parse_set
@@ -414,10 +441,10 @@ def import_logits(
     p.override("import-logits", parse_set(set_))
     cfg = p.config("import-logits")
     if print_key or print_config:
-        extra = key_extra(cfg, p.store, write=False)
+        extra = key_extra(cfg, p.store, write=False, rehash=rehash)
         _emit("import-logits", cfg, key_of("import-logits", cfg, {}, extra), print_config, print_key)
         return
-    run(cfg, p.store, force=force, quiet=quiet)
+    run(cfg, p.store, force=force, quiet=quiet, rehash=rehash)
 
 
 @app.command()
@@ -472,22 +499,47 @@ def sweep(
 
 
 # ------------------------------------------------------------------------- store tools
+def _state_label(e) -> str:
+    if e.state == "pending":
+        return f"pending ({e.reason})"
+    if e.state in ("incomplete", "unreadable"):
+        return f"{e.state}: {e.reason}"
+    return {"temp": "temp dir (a writer's; gc removes a dead one's)", "debris": e.reason}.get(
+        e.state, e.state
+    )
+
+
 @app.command()
 @handled
-def ls(store: StoreOpt = None, stage: Annotated[str | None, typer.Option(help="only this stage")] = None) -> None:
-    """Table of complete artifacts: stage, key, created, short config summary."""
+def ls(
+    store: StoreOpt = None,
+    stage: Annotated[str | None, typer.Option(help="only this stage")] = None,
+    all_: Annotated[bool, typer.Option("--all", "-a", help="also incomplete / unreadable folders, pending (resumable) and temp dirs, marked")] = False,
+) -> None:
+    """Table of complete artifacts: stage, key, created, short config summary (--all: everything, marked)."""
     from rich.console import Console
     from rich.table import Table
 
     from .store import Store
 
     s = Store(store)
-    t = Table("stage", "key", "created", "summary")
-    for a in s.list():
-        if stage and a.stage != stage:
+    t = Table("stage", "key", "created", "summary", *(["state"] if all_ else []))
+    hidden = 0
+    for e in s.entries():
+        if stage and e.stage != stage:
             continue
-        t.add_row(a.stage, a.key[:16], a.manifest.get("created", ""), _summary(a))
+        if e.artifact is not None:
+            a = e.artifact
+            row = [a.stage, a.key[:16], a.manifest.get("created", ""), _summary(a)]
+            t.add_row(*row, *(["complete"] if all_ else []))
+        elif all_:
+            t.add_row(e.stage, e.key[:16], "", "", _state_label(e))
+        elif e.state in ("incomplete", "unreadable"):
+            hidden += 1
     Console().print(t)
+    if hidden:
+        print(f"note: {hidden} incomplete or unreadable artifact folder(s) not listed: "
+              "`argse ls --all` shows them, `argse verify` says why", file=sys.stderr)  # fmt: skip
 
 
 def _summary(a) -> str:
@@ -498,13 +550,26 @@ def _summary(a) -> str:
 
 @app.command()
 @handled
-def show(key: str, store: StoreOpt = None) -> None:
-    """Manifest of one artifact plus its arrays and shapes."""
+def show(
+    key: str,
+    store: StoreOpt = None,
+    follow: Annotated[bool, typer.Option("--follow", "-f", help="print the metrics log as it grows (KEY may be a pending key's prefix) until the artifact is published")] = False,
+) -> None:
+    """Manifest of one artifact plus its arrays and shapes (--follow: its metrics log)."""
     from rich.console import Console
 
     from .store import Store
 
-    a = Store(store).open(None, key)
+    s = Store(store)
+    if follow:
+        from .store import follow_metrics
+
+        try:
+            follow_metrics(s, key, lambda line: print(line, flush=True))
+        except KeyboardInterrupt:  # Ctrl-C ends following; the writer is not affected
+            pass
+        return
+    a = s.open(None, key)
     con = Console()
     m = dict(a.manifest)
     arrays = m.pop("arrays", {})
@@ -516,19 +581,28 @@ def show(key: str, store: StoreOpt = None) -> None:
 @app.command()
 @handled
 def verify(keys: Annotated[list[str] | None, typer.Argument(help="keys (default: all)")] = None, store: StoreOpt = None) -> None:
-    """Recompute every checksum; exit 1 on a mismatch."""
+    """Recompute every checksum; list every artifact that cannot be verified and why; exit 1 if any."""
     from .store import Store
 
     s = Store(store)
-    arts = [s.open(None, k) for k in keys] if keys else s.list()
+    if not s.root.is_dir():
+        raise ArgseError("--store", f"{s.root} does not exist",
+                         "pass the store the stages wrote to (--store or ARGSE_STORE)")  # fmt: skip
+    if keys:
+        targets = [s.inspect(*s.resolve(k)) for k in keys]
+    else:
+        targets = [e for e in s.entries() if e.state in ("complete", "incomplete", "unreadable")]
     bad = 0
-    for a in arts:
-        problems = a.verify()
-        print(f"{'OK  ' if not problems else 'BAD '} {a.stage} {a.key}")
+    for e in targets:
+        problems = e.artifact.verify() if e.artifact is not None else [f"{e.state}: {e.reason}"]
+        print(f"{'OK  ' if not problems else 'BAD '} {e.stage} {e.key}")
         for pr in problems:
             print(f"     {pr}")
         bad += bool(problems)
+    if not targets:
+        print(f"no artifacts in {s.root}")
     if bad:
+        print(f"{bad} of {len(targets)} artifact(s) could not be verified", file=sys.stderr)
         raise typer.Exit(1)
 
 
@@ -538,15 +612,23 @@ def gc(
     store: StoreOpt = None,
     max_age: Annotated[float, typer.Option("--max-age", help="hours after which a dead writer's temp dir goes")] = 24.0,
     keep: Annotated[list[str] | None, typer.Option("--keep", help="also remove artifacts not reachable from these keys")] = None,
+    pending: Annotated[bool, typer.Option("--pending", help="also remove dead writers' pending (resumable) dirs")] = False,
     dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
 ) -> None:
-    """Remove temp dirs of dead writers (never a live writer's); optionally unreachable artifacts."""
+    """Remove temp dirs of dead writers (never a live writer's), incomplete artifact folders and kill
+    debris; optionally unreachable artifacts (--keep) and resumable state (--pending)."""
     from .store import Store
 
-    removed = Store(store).gc(max_age_s=max_age * 3600, keep=keep, dry_run=dry_run)
+    s = Store(store)
+    removed = s.gc(max_age_s=max_age * 3600, keep=keep, dry_run=dry_run, pending=pending)
     for r in removed:
         print(("would remove " if dry_run else "removed ") + r)
     print(f"{len(removed)} {'to remove' if dry_run else 'removed'}")
+    gone = {r.split(" (")[0] for r in removed}
+    for e in s.entries():
+        if e.state == "pending" and str(e.path) not in gone:
+            hint = "" if "running" in e.reason else " -- `argse gc --pending` removes it"
+            print(f"kept {e.path} (pending: {e.reason}){hint}")
 
 
 def _one_line_warning(message, category, filename, lineno, file=None, line=None):

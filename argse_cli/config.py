@@ -14,7 +14,9 @@ from __future__ import annotations
 import math
 import os
 import re
-from typing import Any, Literal
+import types
+import typing
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 from pydantic_core import PydanticCustomError
@@ -31,10 +33,85 @@ _LOSS_RE = re.compile(r"^(ce|balsoftmax|decoupled|logitadjust:(\d+(\.\d+)?))$")
 _GROUP_RE = re.compile(r"^(threshold:\d+|quantile:(0?\.\d+|1(\.0+)?)(,(0?\.\d+))*)$")
 
 
+SEED_MAX = 2**32  # numpy's SeedSequence-free legacy seeding and torch.manual_seed accept < 2**32
+INT_MAX = 2**63  # every integer field fits numpy's int64
+Seed = Annotated[int, Field(ge=0, lt=SEED_MAX)]
+
+
+def _scalar_kind(ann: Any) -> Any:
+    """'bool' / 'int' / 'float' / ('seq', kind) / None for a field annotation (Optional,
+    Annotated and Literal unwrapped); None: not a plain scalar field (str, dict, models)."""
+    origin = typing.get_origin(ann)
+    if origin is Annotated:
+        return _scalar_kind(typing.get_args(ann)[0])
+    if origin in (typing.Union, types.UnionType):
+        kinds = {_scalar_kind(a) for a in typing.get_args(ann) if a is not type(None)}
+        return kinds.pop() if len(kinds) == 1 else None
+    if origin is Literal:
+        vals = typing.get_args(ann)
+        if all(isinstance(v, bool) for v in vals):
+            return "bool"
+        if all(isinstance(v, int) and not isinstance(v, bool) for v in vals):
+            return "int"
+        return None
+    if origin in (tuple, list):
+        args = [a for a in typing.get_args(ann) if a is not Ellipsis]
+        kinds = {_scalar_kind(a) for a in args}
+        return ("seq", kinds.pop()) if len(kinds) == 1 and None not in kinds else None
+    return {bool: "bool", int: "int", float: "float"}.get(ann)
+
+
+# a number as YAML 1.2 spells it: PyYAML (YAML 1.1) reads 1e-3 (no dot) as a string
+_FLOAT_TEXT = re.compile(r"^[-+]?(\d+(\.\d*)?|\.\d+)([eE][-+]?\d+)?$")
+
+
+def _check_kind(v: Any, kind: Any) -> Any:
+    """Values are taken as typed (YAML and --set parse them): a boolean is not a number, a
+    string is not a boolean or an integer, 2.0 is not an integer. The one conversion: a float
+    field takes a string that spells a number (``1e-3``, which PyYAML leaves a string)."""
+    if v is None or kind is None:
+        return v
+    if isinstance(kind, tuple):
+        if isinstance(v, (list, tuple)):
+            out = []
+            for i, x in enumerate(v):
+                try:
+                    out.append(_check_kind(x, kind[1]))
+                except ValueError as e:
+                    raise ValueError(f"item {i}: {e}") from None
+            return type(v)(out)
+        return v
+    name = {"bool": "a boolean (true / false)", "int": "an integer", "float": "a number"}[kind]
+    if kind == "bool":
+        if not isinstance(v, bool):
+            raise ValueError(f"must be {name}, not {type(v).__name__} {v!r:.40}")
+        return v
+    if isinstance(v, bool):
+        raise ValueError(f"must be {name}, not a boolean ({v!r})")
+    if kind == "int":
+        if not isinstance(v, int):
+            raise ValueError(f"must be {name}, not {type(v).__name__} {v!r:.40}")
+        if not -INT_MAX <= v < INT_MAX:
+            raise ValueError(f"{v:.3g} is out of range (|value| < 2**63)")
+        return v
+    if isinstance(v, str) and _FLOAT_TEXT.match(v.strip()):
+        return float(v)
+    if not isinstance(v, (int, float)):
+        raise ValueError(f"must be {name}, not {type(v).__name__} {v!r:.40}")
+    return v
+
+
 class StageConfig(BaseModel):
-    """Base of every stage config: frozen, unknown fields refused, NaN/inf refused."""
+    """Base of every stage config: frozen, unknown fields refused, NaN/inf refused, scalars
+    strictly typed (``epochs: true`` or ``lr: "0.1"`` are refused, never coerced)."""
 
     model_config = ConfigDict(frozen=True, extra="forbid", allow_inf_nan=False, validate_default=True)
+
+    @field_validator("*", mode="before")
+    @classmethod
+    def _strict_scalars(cls, v: Any, info: ValidationInfo) -> Any:
+        f = cls.model_fields.get(info.field_name or "")
+        return _check_kind(v, _scalar_kind(f.annotation)) if f is not None else v
 
     def key_payload(self) -> dict[str, Any]:
         """The config as it enters the cache key: JSON-mode dump minus runtime-only fields."""
@@ -54,7 +131,7 @@ class SplitConfig(StageConfig):
 
     dataset: Literal["cifar10", "cifar100"] = "cifar10"
     imbalance_factor: float = Field(100.0, ge=1.0, description="n_max / n_min of the LT profile (>= 1)")
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_MAX)
     protocol: Literal["paper", "fractions"] = Field(
         "paper",
         description="paper: experts train on the whole LT subset, held-out splits partition the "
@@ -127,7 +204,7 @@ class TrainExpertConfig(StageConfig):
     device: Literal["auto", "cpu", "cuda"] = "auto"
     precision: Literal["auto", "fp32", "bf16"] = "auto"
     compile: bool = False
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_MAX)
     workers: int = Field(0, ge=0)
 
     @field_validator("loss")
@@ -148,7 +225,7 @@ class ExportLogitsConfig(StageConfig):
     """`argse export-logits`: every expert's raw logits on the held-out splits, fp16, row-chunked."""
 
     chunk_rows: int = Field(4096, ge=16)
-    seed: int = Field(0, ge=0, description="seed of the stored row order")
+    seed: int = Field(0, ge=0, lt=SEED_MAX, description="seed of the stored row order")
     include_train: bool = False
     device: Literal["auto", "cpu", "cuda"] = "auto"
     infer_batch_size: int = Field(1024, ge=1)
@@ -253,6 +330,19 @@ class TrainGateConfig(StageConfig):
             return v
         raise PydanticCustomError("inert_field", "has no effect {why}", {"why": why, "fix": fix})
 
+    def check_experts(self, num_experts: int) -> None:
+        """``experts`` against the upstream's expert count E (known once the export is): every
+        index must be < E. One-line error (before any work) otherwise."""
+        from .errors import ArgseError
+
+        bad = [i for i in self.experts or () if i >= num_experts]
+        if bad:
+            raise ArgseError(
+                "train_gate.experts", f"index {bad[0]} is out of range: the export has "
+                f"{num_experts} experts (0..{num_experts - 1})",
+                f"pick distinct indices below {num_experts}",
+            )  # fmt: skip
+
     def resolved(self) -> TrainGateConfig:
         """Defaults filled in for the fields the recipe uses (the others stay None)."""
         use = ()
@@ -276,10 +366,10 @@ def _grid_levels(v: tuple[float, ...]) -> tuple[float, ...]:
 class EvalConfig(StageConfig):
     """`argse eval`: risk-coverage metrics of a gate on test, with bootstrap CIs."""
 
-    levels: tuple[float, ...] = Field((0.7, 0.8, 0.9), description="coverages of the error columns "
+    levels: tuple[float, ...] = Field((0.7, 0.8, 0.9), max_length=100, description="coverages of the error columns "
                                       "(points of the grid 0.01..1.00)")
-    n_boot: int = Field(1000, ge=0)
-    seed: int = Field(0, ge=0, lt=2**32)
+    n_boot: int = Field(1000, ge=0, le=1_000_000)
+    seed: int = Field(0, ge=0, lt=SEED_MAX - 1, description="seed (seed + 1 is used too)")
 
     _levels = field_validator("levels")(classmethod(lambda cls, v: _grid_levels(v)))
     target_risk: float | None = Field(None, gt=0, lt=1, description="risk-controlled thresholds on calib")
@@ -291,7 +381,9 @@ class EvalConfig(StageConfig):
     sag_window: int = Field(500, ge=10)
     sag_batch: int = Field(100, ge=1)
     l2d: bool = Field(False, description="learning to defer to simulated humans (EM)")
-    human_noise: tuple[float, ...] = Field((0.3, 0.3), description="label-noise rate of each simulated human")
+    human_noise: tuple[Annotated[float, Field(ge=0, le=1)], ...] = Field(
+        (0.3, 0.3), min_length=1, max_length=64,
+        description="label-noise rate in [0, 1] of each simulated human")
 
 
 class BaselinesConfig(StageConfig):
@@ -302,8 +394,8 @@ class BaselinesConfig(StageConfig):
     xi: float = Field(1.0, gt=0)
     view: Literal["lt", "bal"] = Field("lt", description="view of the operating points (sweep view) and of SB-PI's choice")
     levels: tuple[float, ...] = (0.7, 0.8, 0.9)
-    n_boot: int = Field(1000, ge=0)
-    seeds: tuple[int, ...] = (42,)
+    n_boot: int = Field(1000, ge=0, le=1_000_000)
+    seeds: tuple[Seed, ...] = Field((42,), min_length=1, max_length=1000)
 
     _levels = field_validator("levels")(classmethod(lambda cls, v: _grid_levels(v)))
     ablations: bool = True
@@ -352,7 +444,7 @@ class ImportLogitsConfig(StageConfig):
     group_rule: str = "threshold:20"
     weights: dict[str, str] | None = Field(None, description="optional split -> w_lt file; else from counts")
     chunk_rows: int = Field(4096, ge=16)
-    seed: int = Field(0, ge=0)
+    seed: int = Field(0, ge=0, lt=SEED_MAX)
 
     @field_validator("group_rule")
     @classmethod

@@ -95,11 +95,13 @@ class Pipeline:
     """Resolves every stage's config and key from one pipeline document."""
 
     def __init__(
-        self, doc: dict[str, Any] | None = None, store: Store | None = None, memo: bool = True
+        self, doc: dict[str, Any] | None = None, store: Store | None = None, memo: bool = True,
+        rehash: bool = False,
     ):
         self.doc = doc or {}
         self.store = store or Store()
         self.memo = memo  # False: never write the fingerprint memo (--print-config / --print-key)
+        self.rehash = rehash  # True: hash the data files' contents again (ignore the memo)
         self._over: dict[str, dict[str, Any]] = {}
 
     def override(self, stage: str, values: dict[str, Any]) -> None:
@@ -124,9 +126,18 @@ class Pipeline:
     def expert_losses(self) -> list[str]:
         losses = self._over.get("train-expert", {}).get("losses")
         if losses is None:
-            losses = (self.doc.get("train_expert") or {}).get("losses") or list(DEFAULT_EXPERTS)
+            sec = self.doc.get("train_expert") or {}
+            losses = sec.get("losses") if isinstance(sec, dict) else None
+        if losses is None:
+            return list(DEFAULT_EXPERTS)
         if isinstance(losses, str):
             losses = [s.strip() for s in losses.split(",") if s.strip()]
+        if (not isinstance(losses, (list, tuple)) or not losses
+                or not all(isinstance(x, str) for x in losses)):  # fmt: skip
+            raise ArgseError(
+                "train_expert.losses", f"must be a non-empty list of losses, not {losses!r:.60}",
+                "e.g. losses: [ce, balsoftmax] or --set losses=ce,balsoftmax",
+            )  # fmt: skip
         return list(losses)
 
     # ---- keys ----------------------------------------------------------------------------
@@ -137,7 +148,9 @@ class Pipeline:
 
     def split_extra(self) -> dict[str, Any]:
         cfg = self.config("split")
-        return {"data": cached_fingerprint(self.store, cfg.dataset, cfg.data_root, write=self.memo)}
+        fp = cached_fingerprint(self.store, cfg.dataset, cfg.data_root, write=self.memo,
+                                rehash=self.rehash)  # fmt: skip
+        return {"data": fp}
 
     def expert_upstream(self, loss: str) -> tuple[dict, dict]:
         from .stages import key_of
@@ -170,7 +183,8 @@ class Pipeline:
         from .stages.import_logits import key_extra
 
         cfg = self.config("import-logits")
-        return key_of("import-logits", cfg, {}, key_extra(cfg, self.store, write=self.memo))
+        extra = key_extra(cfg, self.store, write=self.memo, rehash=self.rehash)
+        return key_of("import-logits", cfg, {}, extra)
 
     def export_ref(self) -> tuple[str, str]:
         """(stage, key) of the logits: `import-logits` when the file has that section."""
@@ -197,8 +211,16 @@ class Pipeline:
         return key_of("train-gate", self.config("train-gate"), self.gate_upstream()[0])
 
 
-def cached_fingerprint(store: Store, dataset: str, data_root: str, write: bool = True) -> str:
-    """Data fingerprint, memoised on (path, size, mtime) of the files so a cache hit stays fast."""
+def cached_fingerprint(
+    store: Store, dataset: str, data_root: str, write: bool = True, rehash: bool = False
+) -> str:
+    """Data fingerprint, memoised on (path, size, mtime) of the files so a cache hit stays fast.
+
+    The fingerprint rule: the data files' contents (xxh3) enter the split key; the memo in
+    ``<store>/.fingerprints.json`` maps (resolved path, size, mtime_ns) of every file to the
+    content fingerprint, so a file changed in place keeping its size AND mtime is not noticed
+    until ``rehash=True`` (``argse split --rehash``) hashes the contents again and refreshes it.
+    """
     from .data.cifar import _paths as data_files
     from .data.cifar import data_fingerprint
 
@@ -209,7 +231,7 @@ def cached_fingerprint(store: Store, dataset: str, data_root: str, write: bool =
     with contextlib.suppress(OSError, ValueError):
         table = json.loads(memo.read_text())
     k = json.dumps([dataset, stamp])
-    if k in table:
+    if k in table and not rehash:
         return table[k]
     fp = data_fingerprint(dataset, Path(data_root))
     if not write:

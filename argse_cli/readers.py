@@ -74,6 +74,7 @@ class LogitsSource:
     dtype: Any
     source_dtype: str
     random_access: bool = True
+    field: str = "logits"  # named in errors (set by open_logits)
 
     def __len__(self) -> int:
         return int(self.shape[0])
@@ -195,7 +196,13 @@ class ZarrSource(LogitsSource):
     def read(self, a: int, b: int) -> Any:
         import numpy as np
 
-        return np.asarray(self._z[a:b])
+        try:
+            return np.asarray(self._z[a:b])
+        except Exception as e:  # noqa: BLE001 - a damaged chunk (codec / decode errors) -> one line
+            raise ArgseError(
+                self.field, f"{self.spec}: rows {a}..{b - 1} unreadable ({e.__class__.__name__})",
+                "re-save the Zarr array",
+            ) from None  # fmt: skip
 
 
 _SAFETENSORS_DTYPES = {"F16": "float16", "F32": "float32", "F64": "float64", "BF16": "uint16"}
@@ -218,11 +225,14 @@ def _safetensors_memmap(path: Path, key: str, dtype: str, shape: tuple) -> Any:
     """Memory-map one tensor: 8-byte little-endian header size n, n bytes of JSON, then data."""
     import numpy as np
 
+    size = path.stat().st_size
     with open(path, "rb") as fh:
         n = int.from_bytes(fh.read(8), "little")
+        if n > size - 8:
+            raise ArgseError("logits", f"{path}: header length {n} exceeds the file", "re-save the file")
         header = json.loads(fh.read(n))
     begin, end = header[key]["data_offsets"]
-    if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize:
+    if end - begin != int(np.prod(shape)) * np.dtype(dtype).itemsize or 8 + n + end > size:
         raise ArgseError(
             "logits", f"{path}:{key}: byte range does not match its shape", "re-save the file"
         )
@@ -243,35 +253,86 @@ def _pick_key(keys: list[str], key: str | None, spec: str) -> str:
     )
 
 
-def _npz_member(path: Path, key: str | None, spec: str) -> Any:
+def _npy_header(fh: Any, spec: str, field: str) -> tuple[tuple, bool, Any]:
+    """(shape, fortran, dtype) of the .npy header at ``fh``'s position (left after it); a
+    damaged header is a one-line error."""
+    import numpy as np
+
+    try:
+        version = np.lib.format.read_magic(fh)
+        if version == (1, 0):
+            shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
+        else:
+            shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+    except Exception as e:  # noqa: BLE001 - numpy's header parser on untrusted bytes (tokenize, ...)
+        raise ArgseError(
+            field, f"{spec}: not a valid .npy header ({e.__class__.__name__})", "re-save the file"
+        ) from None
+    if dtype.hasobject:
+        raise ArgseError(field, f"{spec}: object arrays are refused", "save a numeric array")
+    return tuple(int(x) for x in shape), bool(fortran), dtype
+
+
+def _check_size(shape: tuple, dtype: Any, available: int, spec: str, field: str) -> None:
+    """A header whose shape needs more bytes than the file holds is refused (a truncated file,
+    or a header claiming 10**12 rows) instead of reading past the end or allocating it."""
+    import math
+
+    need = math.prod(shape) * dtype.itemsize
+    if need > available:
+        raise ArgseError(
+            field,
+            f"{spec}: the header claims shape {shape} ({need:,} bytes) but the file holds "
+            f"{max(available, 0):,} bytes of data (truncated or damaged)",
+            "re-save the file",
+        )
+
+
+def _npy_checked(path: Path, spec: str, field: str) -> None:
+    """Check a .npy file's header against its size before numpy maps or loads it."""
+    with open(path, "rb") as fh:
+        shape, _, dtype = _npy_header(fh, spec, field)
+        data_at = fh.tell()
+    _check_size(shape, dtype, path.stat().st_size - data_at, spec, field)
+
+
+def _npz_member(path: Path, key: str | None, spec: str, field: str = "logits") -> Any:
     """A stored (uncompressed) npz member as a memmap; a deflated one read whole (documented)."""
     import zipfile
 
     import numpy as np
 
-    with zipfile.ZipFile(path) as zf:
-        names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
-        key = _pick_key(names, key, spec)
-        info = zf.getinfo(key + ".npy")
-        stored = info.compress_type == zipfile.ZIP_STORED
-        offset = info.header_offset
+    try:
+        with zipfile.ZipFile(path) as zf:
+            names = [n[:-4] for n in zf.namelist() if n.endswith(".npy")]
+            key = _pick_key(names, key, spec)
+            info = zf.getinfo(key + ".npy")
+            stored = info.compress_type == zipfile.ZIP_STORED
+            offset = info.header_offset
+            if not stored:  # check the member's header against its uncompressed size first
+                with zf.open(info) as m:
+                    shape, _, dtype = _npy_header(m, spec, field)
+                    _check_size(shape, dtype, info.file_size - m.tell(), spec, field)
+    except ArgseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - zipfile on untrusted bytes (BadZipFile, zlib, NotImplemented...)
+        raise ArgseError(
+            field, f"{spec}: not a valid .npz (zip) file ({e.__class__.__name__})",
+            "re-save it with numpy.savez",
+        ) from None  # fmt: skip
     if stored:
         with open(path, "rb") as fh:
             fh.seek(offset)
             local = fh.read(30)
-            if local[:4] != b"PK\x03\x04":
-                raise ArgseError("logits", f"{spec}: corrupt zip member header", "re-save the file")
+            if len(local) < 30 or local[:4] != b"PK\x03\x04":
+                raise ArgseError(field, f"{spec}: corrupt zip member header", "re-save the file")
             name_len = int.from_bytes(local[26:28], "little")
             extra_len = int.from_bytes(local[28:30], "little")
             fh.seek(offset + 30 + name_len + extra_len)
-            version = np.lib.format.read_magic(fh)
-            if version == (1, 0):
-                shape, fortran, dtype = np.lib.format.read_array_header_1_0(fh)
-            else:
-                shape, fortran, dtype = np.lib.format.read_array_header_2_0(fh)
+            shape, fortran, dtype = _npy_header(fh, spec, field)
             data_at = fh.tell()
-        if dtype.hasobject:
-            raise ArgseError("logits", f"{spec}: object arrays are refused", "save a numeric array")
+        end = min(path.stat().st_size, offset + 30 + name_len + extra_len + info.file_size)
+        _check_size(shape, dtype, end - data_at, spec, field)
         return np.memmap(
             path, dtype=dtype, mode="r", offset=data_at, shape=shape, order="F" if fortran else "C"
         )
@@ -279,7 +340,11 @@ def _npz_member(path: Path, key: str | None, spec: str) -> Any:
         with np.load(path, allow_pickle=False) as z:
             return z[key]
     except ValueError as e:  # an object member (numpy refuses to unpickle it)
-        raise ArgseError("logits", f"{spec}: not a numeric array ({e})", "save a float array") from None
+        raise ArgseError(field, f"{spec}: not a numeric array ({e})", "save a float array") from None
+    except Exception as e:  # noqa: BLE001 - a damaged member (zlib, CRC, ...)
+        raise ArgseError(
+            field, f"{spec}: damaged .npz member ({e.__class__.__name__})", "re-save the file"
+        ) from None
 
 
 def _torch_array(path: Path, key: str | None, spec: str) -> tuple[Any, str]:
@@ -340,17 +405,26 @@ def open_logits(spec: str, field: str = "logits") -> LogitsSource:
     elif suffix == ".npy":
         if key is not None:
             raise ArgseError(field, f"{spec}: a .npy file holds one array", "drop the :key")
+        _npy_checked(path, spec, field)
         try:
             arr = np.load(path, mmap_mode="r", allow_pickle=False)
-        except ValueError as e:
+        except (ValueError, OSError, EOFError) as e:
             raise ArgseError(
                 field, f"{spec}: not a numeric .npy ({e})", "save a float array"
             ) from None
         src = ArraySource(spec, arr)
     elif suffix == ".npz":
-        src = ArraySource(spec, _npz_member(path, key, spec))
+        src = ArraySource(spec, _npz_member(path, key, spec, field))
     elif suffix == ".safetensors":
-        src = SafetensorsSource(spec, path, key)
+        try:
+            src = SafetensorsSource(spec, path, key)
+        except ArgseError:
+            raise
+        except Exception as e:  # noqa: BLE001 - the Rust reader's errors -> one line
+            raise ArgseError(
+                field, f"{spec}: not a valid .safetensors file ({e.__class__.__name__})",
+                "re-save it with safetensors",
+            ) from None  # fmt: skip
     elif suffix in (".pt", ".pth"):
         arr, sdt = _torch_array(path, key, spec)
         src = ArraySource(spec, arr, source_dtype=sdt)
@@ -358,6 +432,7 @@ def open_logits(spec: str, field: str = "logits") -> LogitsSource:
         raise ArgseError(
             field, f"{spec}: unknown logits format {suffix or '(no suffix)'}", _FIX_FMT
         )
+    src.field = field
     dt = np.dtype(src.dtype)
     if dt.kind not in "fiu":
         raise ArgseError(
@@ -375,10 +450,10 @@ def load_vector(spec: str, field: str) -> Any:
     suffix = path.suffix.lower()
     try:
         if suffix == ".npy":
+            _npy_checked(path, spec, field)
             v = np.load(path, allow_pickle=False)
         elif suffix == ".npz":
-            with np.load(path, allow_pickle=False) as z:
-                v = z[_pick_key(list(z.keys()), key, spec)]
+            v = np.asarray(_npz_member(path, key, spec, field))
         elif suffix == ".json":
             doc = json.loads(path.read_text())
             if isinstance(doc, dict) and key is not None:
@@ -395,10 +470,13 @@ def load_vector(spec: str, field: str) -> Any:
                 f"{spec}: unknown format {suffix or '(no suffix)'}",
                 "use .npy, .npz[:key], .json or .csv",
             )
-    except (ValueError, KeyError, OSError, TypeError) as e:
+    except ArgseError:
+        raise
+    except Exception as e:  # noqa: BLE001 - any parser failure on a user's file is "unreadable"
         raise ArgseError(
-            field, f"{spec}: unreadable ({e.__class__.__name__}: {e})", "save a 1-D numeric array"
-        ) from None
+            field, f"{spec}: unreadable ({e.__class__.__name__}: {str(e)[:120]})",
+            "save a 1-D numeric array",
+        ) from None  # fmt: skip
     v = np.asarray(v)
     if v.ndim != 1 or v.dtype.kind not in "fiub":
         raise ArgseError(
@@ -450,6 +528,14 @@ def load_int_vector(spec: str, field: str, minimum: int = 0) -> Any:
     if v.dtype.kind == "f":
         if not np.all(np.isfinite(v)) or np.any(v != np.round(v)):
             raise ArgseError(field, f"{spec}: values must be integers", "store integer values")
+    if v.dtype.kind in "fu" and len(v):
+        big = np.abs(v.astype(np.float64)) >= 2.0**62
+        if big.any():  # would wrap around in int64 (1e30 -> -9223372036854775808)
+            i = int(np.argmax(big))
+            raise ArgseError(
+                field, f"{spec}: value {v[i]:.6g} at position {i} is too large for an integer",
+                "store values below 2**62",
+            )  # fmt: skip
     v = v.astype(np.int64)
     if len(v) and v.min() < minimum:
         i = int(np.argmax(v < minimum))

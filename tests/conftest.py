@@ -9,8 +9,17 @@ from collections.abc import Callable, Sequence
 from pathlib import Path
 
 import pytest
+from hypothesis import settings
 
 REPO = Path(__file__).resolve().parents[1]
+
+# Hypothesis profiles: "ci" (chosen when the CI env var is set) is derandomized -- the same
+# examples on every run, no example database -- so a CI failure is reproducible as is; "dev"
+# keeps Hypothesis' defaults (random examples, a local database under .hypothesis/).
+# HYPOTHESIS_PROFILE picks one explicitly.
+settings.register_profile("ci", derandomize=True, database=None, print_blob=True)
+settings.register_profile("dev", print_blob=True)
+settings.load_profile(os.environ.get("HYPOTHESIS_PROFILE") or ("ci" if os.environ.get("CI") else "dev"))
 SHARED = Path(__file__).resolve().parents[2] / "shared"
 SHARED_CIFAR10 = SHARED / "data" / "cifar10"
 
@@ -40,6 +49,23 @@ def run_cli(
         text=True,
         timeout=timeout,
     )
+
+
+def invoke(args: Sequence[str], env: dict[str, str] | None = None) -> subprocess.CompletedProcess:
+    """Run the CLI in-process (typer's CliRunner: no interpreter start); returns what
+    :func:`run_cli` returns. An uncaught exception's traceback is appended to stderr, as the
+    real command would print it."""
+    import traceback
+
+    from typer.testing import CliRunner
+
+    from argse_cli.cli import app
+
+    res = CliRunner().invoke(app, [str(a) for a in args], env={"COLUMNS": "200", **(env or {})})
+    err = res.stderr
+    if res.exception is not None and not isinstance(res.exception, SystemExit):
+        err += "".join(traceback.format_exception(res.exception))
+    return subprocess.CompletedProcess(list(args), res.exit_code, res.stdout, err)
 
 
 @pytest.fixture(scope="session")

@@ -34,7 +34,7 @@ from argse_cli.errors import ArgseError
 from argse_cli.readers import open_logits
 from argse_cli.stages import import_logits as imp
 from argse_cli.stages import run_stage
-from argse_cli.store import Store
+from argse_cli.store import Store, compute_key
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "scripts"))
 from export_to_files import write_files  # noqa: E402
@@ -484,8 +484,8 @@ def _fake_export(store: Store, C: int, n: int, seed: int, chunk_rows: int) -> tu
     taus = [0.0, 1.0, 2.0]
     log_pi = np.log(counts / counts.sum())
     own = {}
-    key = "f" * 32
     cfg = ExportLogitsConfig(chunk_rows=chunk_rows, seed=seed)
+    key = compute_key("export-logits", 1, cfg.key_payload())
     with store.writer(
         "export-logits", key, config=cfg.key_payload(), upstream={}, upstream_stages={}, version=1
     ) as out:

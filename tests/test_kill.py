@@ -288,12 +288,12 @@ def arrays_of(store: Path, stage: str, key: str) -> dict[str, tuple[str, list[st
 
 
 def leftovers(store: Path) -> list[str]:
-    """Temp dirs, replaced-artifact dirs, .partial / .tmp files and lock files under the store."""
+    """Temp dirs, replaced-artifact / trash dirs, .partial / .tmp files and lock files under the store."""
     bad = []
     for p in store.rglob("*"):
         rel = str(p.relative_to(store))
         name = p.name
-        if (name.startswith((".tmp-", ".old-")) or name.endswith((".partial", ".tmp"))
+        if (name.startswith((".tmp-", ".old-", ".trash-")) or name.endswith((".partial", ".tmp"))
                 or (p.parent.name == ".locks" and p.is_file())):  # fmt: skip
             bad.append(rel)
     return sorted(bad)
@@ -399,3 +399,60 @@ def test_kill_matrix(tiny_all, tmp_path, stage):
     ]
     stats = kill_scenario(t, stage, points, tmp_path)
     print(f"{stage}: uninterrupted {t.seconds[stage]:.1f} s; kill times {stats}")
+
+
+# ------------------------------------------------------------------ gc --keep killed (slow)
+def _kill_gc_keep(t: Tiny, store: Path, keep: str, point: str, log: Path) -> bool:
+    """Run `argse gc --keep KEEP` and SIGKILL it at ``point`` (``trash``: the moment an artifact
+    has been renamed out of sight; ``delay:S``). True if it was killed (not finished first)."""
+    fh = open(log, "w")  # noqa: SIM115 - closed below
+    p = subprocess.Popen([sys.executable, "-m", "argse_cli.cli", "gc", "--keep", keep],
+                         env=cli_env(store, t.data), stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
+    t0 = time.perf_counter()
+    try:
+        while p.poll() is None and time.perf_counter() - t0 < 120:
+            kind, _, arg = point.partition(":")
+            hit = (bool(list(store.glob("*/.trash-*"))) if kind == "trash"
+                   else time.perf_counter() - t0 >= float(arg))  # fmt: skip
+            if hit:
+                os.kill(p.pid, signal.SIGKILL)
+                break
+            time.sleep(0.0005)
+    finally:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
+        fh.close()
+    return p.returncode == -signal.SIGKILL
+
+
+@pytest.mark.slow
+def test_gc_keep_killed_mid_removal(tiny_all, tmp_path):
+    """issue 19 item 6: `gc --keep SPLIT` SIGKILLed while it removes the other artifacts. After
+    each kill every artifact still listed (and called `cached` by a stage) verifies; a removed
+    one is invisible at once (renamed to .trash-* before its deletion); `gc` then clears the
+    debris and a rerun of a removed stage publishes it again."""
+    t = tiny_all
+    store = tmp_path / "store"
+    shutil.copytree(t.store, store)
+    before = complete_keys(store)
+    keep = t.keys["split"]
+    killed = []
+    for i, point in enumerate(["trash", "trash", "delay:0.6", "trash"]):
+        killed.append(_kill_gc_keep(t, store, keep, point, tmp_path / f"gc{i}.log"))
+        now = complete_keys(store)
+        assert now <= before and ("split", keep) in now
+        for stage, key in now:
+            assert Store(store).open(stage, key).verify() == [], (point, stage)
+        for stage, key in before - now:  # removed: nothing of it is visible under its key
+            assert not (store / stage / key).exists(), (point, stage)
+        res = t.run("ls", store=store)
+        assert res.returncode == 0 and "Traceback" not in res.stderr
+    assert killed[0], "gc --keep finished before the first kill point"
+    res = t.run("gc", "--keep", keep, store=store)
+    assert res.returncode == 0, res.stderr
+    assert complete_keys(store) == {("split", keep)}
+    assert leftovers(store) == [], _explain(store, leftovers(store))
+    res = t.run("train-expert", "-c", str(t.cfg), "--loss", "ce", "-q", store=store)
+    assert res.returncode == 0 and f"wrote {t.keys['train-expert']}" in res.stdout, res.stderr

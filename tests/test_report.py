@@ -78,7 +78,7 @@ def _history(T_: int = 6) -> dict:
 def _publish(store, stage: str, name: str, fill, upstream=None, stages=None) -> str:
     from argse_cli.store import compute_key
 
-    key = compute_key(stage, 1, {"name": name}, upstream or {})
+    key = compute_key(stage, 1, {"name": name, "view": "lt"}, upstream or {})
     with store.writer(
         stage,
         key,

@@ -29,7 +29,7 @@ import numpy as np
 import pytest
 
 from argse_cli.errors import ArgseError, IntegrityError
-from argse_cli.store import MANIFEST, Store, compute_key
+from argse_cli.store import MANIFEST, MARKER, Store, compute_key, seal_text
 
 PKG = Path(__file__).resolve().parents[1] / "argse_cli"
 
@@ -243,7 +243,7 @@ def test_pickled_logits_files_are_refused_without_running(tmp_path):
             open_logits(str(tmp_path / spec))
         with pytest.raises(ArgseError):
             load_vector(str(tmp_path / spec), "labels")
-    with pytest.raises(ArgseError, match="not a numeric array"):  # deflated: numpy refuses it
+    with pytest.raises(ArgseError, match="object arrays are refused"):  # deflated: its header says so
         open_logits(str(tmp_path / "oc.npz:logits"))
     with pytest.raises(ArgseError):
         load_vector(str(tmp_path / "a.pt:evil"), "labels")
@@ -251,41 +251,55 @@ def test_pickled_logits_files_are_refused_without_running(tmp_path):
 
 
 # ------------------------------------------------------------------------------ manifests
-def _fake(store: Store, stage: str, key: str, **kw) -> None:
-    with store.writer(stage, key, config=kw.pop("config", {}), upstream=kw.pop("upstream", {}),
-                      upstream_stages=kw.pop("upstream_stages", {}), version=1) as w:  # fmt: skip
+def _fake(store: Store, stage: str, config: dict | None = None, **kw) -> str:
+    """Publish a small artifact; returns its key."""
+    up, ups = kw.pop("upstream", {}), kw.pop("upstream_stages", {})
+    key = compute_key(stage, 1, config or {}, up)
+    with store.writer(stage, key, config=config or {}, upstream=up, upstream_stages=ups,
+                      version=1) as w:  # fmt: skip
         w.array("v", np.arange(4))
         for k, v in kw.items():
             w.meta[k] = v
+    return key
 
 
-def _plant_outside(tmp_path: Path, key: str) -> Path:
-    """A complete-looking artifact outside the store (what a crafted manifest would point to)."""
+def _craft(store: Store, stage: str, key: str, edit) -> None:
+    """Edit a published manifest and rewrite COMPLETE for it (a deliberate crafter: the
+    manifest checksum alone would already refuse an edit)."""
+    mp = store.dir(stage, key) / MANIFEST
+    m = json.loads(mp.read_text())
+    edit(m)
+    mp.write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        store.open(stage, key)
+    (mp.parent / MARKER).write_text(seal_text(key, mp.read_bytes()))
+
+
+def _plant_outside(tmp_path: Path) -> tuple[Path, str]:
+    """A complete artifact outside the store (what a crafted manifest would point to)."""
     evil = tmp_path / "evil"
-    _fake(Store(evil), "x", key)
-    return evil / "x" / key
+    key = _fake(Store(evil), "x", {"o": 1})
+    return evil / "x" / key, key
 
 
 @pytest.mark.parametrize("field", ["stage", "key"])
 def test_crafted_upstream_reference_is_refused(tmp_path, field):
     store = Store(tmp_path / "store")
-    kout = compute_key("x", 1, {"o": 1})
-    outside = _plant_outside(tmp_path, kout)
+    outside, kout = _plant_outside(tmp_path)
     assert Store(tmp_path / "evil").open("x", kout).verify() == []
-    kd = compute_key("down", 1, {})
-    _fake(store, "down", kd, upstream={"src": kout}, upstream_stages={"src": "x"})
-    mp = store.dir("down", kd) / MANIFEST
-    m = json.loads(mp.read_text())
+    kd = _fake(store, "down", upstream={"src": kout}, upstream_stages={"src": "x"})
     rel = os.path.relpath(outside.parent, store.root)  # ../evil/x
-    if field == "stage":
-        m["upstream_stages"]["src"] = rel
-    else:
-        m["upstream_stages"]["src"] = "down"
-        m["upstream"]["src"] = os.path.relpath(outside, store.root / "down")  # ../../evil/x/<key>
-    mp.write_text(json.dumps(m))
-    art = store.open("down", kd)
-    with pytest.raises(ArgseError, match="unsafe|not an artifact key"):
-        art.upstream("src")
+
+    def edit(m):
+        if field == "stage":
+            m["upstream_stages"]["src"] = rel
+        else:
+            m["upstream_stages"]["src"] = "down"
+            m["upstream"]["src"] = os.path.relpath(outside, store.root / "down")  # ../../evil/x/<key>
+
+    _craft(store, "down", kd, edit)
+    with pytest.raises(IntegrityError, match="unsafe"):  # the manifest model refuses it on open
+        store.open("down", kd)
     # the store API refuses such names directly, too
     with pytest.raises(IntegrityError, match="unsafe"):
         store.dir(rel, kout)
@@ -294,27 +308,31 @@ def test_crafted_upstream_reference_is_refused(tmp_path, field):
         store.open(rel, kout)
     with pytest.raises(ArgseError):
         store.resolve(kout[:8], rel)
-    # gc --keep follows upstream links: the crafted one is skipped, nothing outside is touched
-    store.gc(keep=[kd])
+    # gc --keep cannot follow the crafted artifact's links: it refuses to delete anything
+    with pytest.raises(IntegrityError, match="unsafe"):
+        store.gc(keep=[kd])
+    store.gc()
     assert (outside / "manifest.json").exists()
+    assert store.dir("down", kd).exists()  # an unreadable artifact is reported, not deleted
 
 
 def test_eval_refuses_a_gate_whose_manifest_points_outside(tmp_path):
     from argse_cli.config import TrainGateConfig
 
     store = Store(tmp_path / "store")
-    kout = compute_key("export-logits", 1, {"o": 1})
-    outside = _plant_outside(tmp_path, kout)
+    outside, kout = _plant_outside(tmp_path)
     cfg = TrainGateConfig(epochs=2).key_payload()
-    kg = compute_key("train-gate", 99, cfg)
+    up = {"export": kout, "calibrate": kout}
+    kg = compute_key("train-gate", 99, cfg, up)
     rel = os.path.relpath(outside.parent, store.root)
-    with store.writer("train-gate", kg, config=cfg, version=99,
-                      upstream={"export": kout, "calibrate": kout},
-                      upstream_stages={"export": rel, "calibrate": rel}) as w:  # fmt: skip
+    with store.writer("train-gate", kg, config=cfg, version=99, upstream=up,
+                      upstream_stages={"export": "x", "calibrate": "x"}) as w:  # fmt: skip
         for name in ("alpha", "mu", "lambda", "beta"):
             w.array(name, np.ones(2))
         w.json("history.json", {"epoch": [0]})
         w.meta.update(tau=1.0, c=0.05, chosen_epoch=0, num_experts=2, in_dim=4, experts=None)
+    _craft(store, "train-gate", kg,
+           lambda m: m["upstream_stages"].update(export=rel, calibrate=rel))  # fmt: skip
     from typer.testing import CliRunner
 
     from argse_cli.cli import app
@@ -322,5 +340,5 @@ def test_eval_refuses_a_gate_whose_manifest_points_outside(tmp_path):
     args = ["eval", "--gate", kg[:12], "--set", "n_boot=0", "-q"]
     res = CliRunner().invoke(app, args, env={"ARGSE_STORE": str(store.root)})
     assert res.exit_code == 2 and isinstance(res.exception, SystemExit), res.output
-    assert "error: stage: refusing unsafe stage name" in res.output, res.output
-    assert [a.stage for a in store.list()] == ["train-gate"]  # nothing published
+    assert "error: train-gate/" in res.output and "refusing unsafe stage name" in res.output
+    assert [e.state for e in store.entries()] == ["unreadable"]  # nothing published

@@ -20,23 +20,38 @@ import pytest
 import xxhash
 
 from argse_cli.errors import ArgseError, IntegrityError
-from argse_cli.store import DATA, MANIFEST, MARKER, Store, compute_key
+from argse_cli.store import DATA, MANIFEST, MARKER, Store, compute_key, seal_text
 
 REPO = Path(__file__).resolve().parents[1]
 
 
-def _key(i: object) -> str:
-    return compute_key("test", 1, {"i": i})
+_CFG: dict[str, dict] = {}  # key -> the config it was computed from
+
+
+def _key(i: object, stage: str = "s", upstream: dict | None = None) -> str:
+    """The key of a test artifact of ``stage`` with config {"i": i} (what publish() writes)."""
+    cfg = {"i": i}
+    k = compute_key(stage, 1, cfg, upstream or {})
+    _CFG[k] = cfg
+    return k
+
+
+def writer(store: Store, stage: str, key: str, **kw):
+    return store.writer(stage, key, config=_CFG[key], upstream=kw.pop("upstream", {}),
+                        upstream_stages=kw.pop("upstream_stages", {}), version=1, **kw)  # fmt: skip
 
 
 def publish(store: Store, stage: str, key: str, fill, *, upstream=None, upstream_stages=None,
-            replace: bool = False, config: dict | None = None):  # fmt: skip
-    with store.writer(
-        stage, key, config=config or {}, upstream=upstream or {},
-        upstream_stages=upstream_stages or {}, version=1, replace=replace,
-    ) as w:  # fmt: skip
+            replace: bool = False):  # fmt: skip
+    with writer(store, stage, key, upstream=upstream or {}, upstream_stages=upstream_stages or {},
+                replace=replace) as w:  # fmt: skip
         fill(w)
     return w
+
+
+def reseal(d: Path) -> None:
+    """Rewrite COMPLETE for the manifest as it is now (what a deliberate crafter would do)."""
+    (d / MARKER).write_text(seal_text(d.name, (d / MANIFEST).read_bytes()))
 
 
 def _stage_entries(store: Store, stage: str) -> list[str]:
@@ -74,7 +89,7 @@ def test_round_trip_arrays_rows_json_and_checksums(store_root):
 
     store = Store(store_root)
     key = _key("round")
-    w = publish(store, "s", key, fill, config={"alpha": 1})
+    w = publish(store, "s", key, fill)
     assert w.published is True
     assert store.exists("s", key)
     assert store.temp_dirs() == []
@@ -113,27 +128,38 @@ def test_round_trip_arrays_rows_json_and_checksums(store_root):
     for name, digest in a.manifest["files"].items():
         assert digest == xxhash.xxh3_128_hexdigest(a.file(name).read_bytes())
     assert a.meta == {"note": "hello"}
-    assert a.config == {"alpha": 1}
+    assert a.config == {"i": "round"}
     assert a.manifest["key"] == key and a.manifest["stage"] == "s"
-    assert (a.path / MARKER).read_text() == key
+    seal = json.loads((a.path / MARKER).read_text())  # COMPLETE seals the manifest's bytes
+    assert seal == {"key": key, "manifest_xxh3": xxhash.xxh3_128_hexdigest((a.path / MANIFEST).read_bytes())}
     assert a.verify() == []
     assert [(b.stage, b.key) for b in store.list()] == [("s", key)]
 
 
 def test_open_by_prefix_and_bad_keys(store_root):
     store = Store(store_root)
-    publish(store, "s1", "abcd1111", lambda w: w.array("v", np.arange(3)))
-    publish(store, "s2", "abcd2222", lambda w: w.array("v", np.arange(3)))
-    assert store.open(None, "abcd1").stage == "s1"
-    assert store.open("s2", "abcd").key == "abcd2222"
+    seen: dict[str, str] = {}
+    for i in range(100_000):  # two real keys (stages s1, s2) sharing their first 4 hex digits
+        k1, k2 = _key(i, "s1"), _key(i, "s2")
+        if k2[:4] in seen:
+            k1 = seen[k2[:4]]
+            break
+        seen[k1[:4]] = k1
+    pre = k1[:4]
+    assert k2.startswith(pre) and k1 != k2
+    publish(store, "s1", k1, lambda w: w.array("v", np.arange(3)))
+    publish(store, "s2", k2, lambda w: w.array("v", np.arange(3)))
+    n = next(i for i in range(32) if k1[i] != k2[i]) + 1  # digits that tell them apart
+    assert store.open(None, k1[:n]).stage == "s1"
+    assert store.open("s2", pre).key == k2
     with pytest.raises(ArgseError, match="ambiguous"):
-        store.open(None, "abcd")
+        store.open(None, pre)
     with pytest.raises(ArgseError, match="not an artifact key"):
         store.open(None, "../s1")
     with pytest.raises(ArgseError, match="no complete"):
-        store.open(None, "ffff")
+        store.open(None, "ffff" if pre != "ffff" else "eeee")
     with pytest.raises(IntegrityError, match="no such array"):
-        store.open("s1", "abcd1111").array("nope")
+        store.open("s1", k1).array("nope")
 
 
 def test_row_writer_short_of_rows_publishes_nothing(store_root):
@@ -271,6 +297,9 @@ def test_crafted_manifest_with_escaping_name_is_refused(corruptible, section, na
     m = json.loads(mp.read_text())
     m[section][name] = m[section]["grp/logits" if section == "arrays" else "m.json"]
     mp.write_text(json.dumps(m))
+    with pytest.raises(IntegrityError, match="fails its checksum"):
+        store.open("s", key)
+    reseal(store.dir("s", key))  # a crafter who also rewrites COMPLETE: the model refuses it
     with pytest.raises(IntegrityError, match="unsafe"):
         store.open("s", key)
 
@@ -289,7 +318,7 @@ def test_symlink_out_of_the_artifact_is_refused(corruptible, tmp_path):
 def test_concurrent_finisher_second_publish_is_a_cache_hit(store_root):
     store = Store(store_root)
     key = _key("race")
-    with store.writer("s", key, config={}, upstream={}, upstream_stages={}, version=1) as slow:
+    with writer(store, "s", key) as slow:
         slow.array("x", np.full(4, 1))
         fast = publish(store, "s", key, lambda w: w.array("x", np.full(4, 2)))
         assert fast.published is True
@@ -308,7 +337,7 @@ def test_concurrent_finishers_in_threads_publish_exactly_once(store_root):
 
     def work(v: int) -> None:
         try:
-            with store.writer("s", key, config={}, upstream={}, upstream_stages={}, version=1) as w:
+            with writer(store, "s", key) as w:
                 w.array("x", np.full(64, v))
                 barrier.wait(timeout=10)  # all temp dirs are filled before anyone publishes
             results.append(w.published)
@@ -378,7 +407,7 @@ def test_writer_killed_mid_write_leaves_no_artifact_and_gc_cleans(store_root):
 import sys, time, numpy as np
 from argse_cli.store import Store
 s = Store({str(store_root)!r})
-with s.writer("s", {key!r}, config={{}}, upstream={{}}, upstream_stages={{}}, version=1) as w:
+with s.writer("s", {key!r}, config={_CFG[key]!r}, upstream={{}}, upstream_stages={{}}, version=1) as w:
     w.array("x", np.arange(1000))
     print("ready", flush=True)
     time.sleep(60)
@@ -454,7 +483,7 @@ def test_gc_removes_dead_writers_only(store_root):
 def test_gc_never_touches_a_live_writer_in_this_process(store_root):
     store = Store(store_root)
     key = _key("live")
-    with store.writer("s", key, config={}, upstream={}, upstream_stages={}, version=1) as w:
+    with writer(store, "s", key) as w:
         w.array("x", np.arange(10))
         assert store.gc(max_age_s=0) == []
         assert len(store.temp_dirs()) == 1
@@ -464,8 +493,10 @@ def test_gc_never_touches_a_live_writer_in_this_process(store_root):
 def test_gc_keep_removes_unreachable_artifacts_only(store_root):
     store = Store(store_root)
     arr = lambda w: w.array("v", np.arange(3))  # noqa: E731
-    kA, kC, kF = _key("A"), _key("C"), _key("F")
-    kB, kE, kG = _key("B"), _key("E"), _key("G")
+    kA, kC, kF = _key("A", "up"), _key("C", "up"), _key("F", "up")
+    kB = _key("B", "down", {"src": kA})
+    kE = _key("E", "agg", {"parts": [kC]})
+    kG = _key("G", "down", {"src": kF})
     publish(store, "up", kA, arr)
     publish(store, "up", kC, arr)
     publish(store, "up", kF, arr)

@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 STAGE = "baselines"
-VERSION = 6
+VERSION = 7
 
 
 class _Calib:

@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE = "import-logits"
-VERSION = 3
+VERSION = 4
 
 FP16_MAX = 65504.0  # largest finite float16
 F32_MAX = 3.4028234663852886e38
@@ -131,10 +131,12 @@ def _hash_path(path: Path) -> str:
     return h.hexdigest()
 
 
-def fingerprint(spec: str, memo: dict | None = None) -> str:
+def fingerprint(spec: str, memo: dict | None = None, rehash: bool = False) -> str:
     """Content fingerprint of a spec ``path[:key]``: xxh3 of the bytes (plus the member key).
 
-    ``memo`` maps (resolved path, size, mtime_ns) to digests so a cache hit does not re-read.
+    ``memo`` maps (resolved path, size, mtime_ns) to digests so a cache hit does not re-read;
+    ``rehash`` ignores it (a file changed in place with the same size and mtime) and stores the
+    fresh digest.
     """
     import xxhash
 
@@ -142,7 +144,7 @@ def fingerprint(spec: str, memo: dict | None = None) -> str:
 
     path, key = split_spec(spec, "file")
     k = json.dumps([str(path.resolve()), file_stamp(path)])
-    digest = memo.get(k) if memo is not None else None
+    digest = memo.get(k) if memo is not None and not rehash else None
     if digest is None:
         digest = _hash_path(path)
         if memo is not None:
@@ -150,11 +152,12 @@ def fingerprint(spec: str, memo: dict | None = None) -> str:
     return digest if key is None else xxhash.xxh3_128_hexdigest(f"{digest}:{key}".encode())
 
 
-def key_extra(cfg: Any, store: Any = None, write: bool = True) -> dict[str, Any]:
+def key_extra(cfg: Any, store: Any = None, write: bool = True, rehash: bool = False) -> dict[str, Any]:
     """``{"files": {role: fingerprint}}``: the imported files' contents enter the cache key.
 
     Fingerprints are memoised on (path, size, mtime_ns) in ``<store>/.file_fingerprints.json``
-    (``write=False``: read the memo, never write it).
+    (``write=False``: read the memo, never write it; ``rehash=True``: hash every file's content
+    again, ignoring the memo, and refresh it).
     """
     from ..store import Store
 
@@ -164,7 +167,7 @@ def key_extra(cfg: Any, store: Any = None, write: bool = True) -> dict[str, Any]
     with contextlib.suppress(OSError, ValueError):
         memo = json.loads(memo_path.read_text())
     before = dict(memo)
-    files = {role: fingerprint(spec, memo) for role, spec in file_roles(cfg).items()}
+    files = {role: fingerprint(spec, memo, rehash) for role, spec in file_roles(cfg).items()}
     if write and memo != before:
         with contextlib.suppress(OSError):
             memo_path.parent.mkdir(parents=True, exist_ok=True)
@@ -174,13 +177,12 @@ def key_extra(cfg: Any, store: Any = None, write: bool = True) -> dict[str, Any]
     return {"files": files}
 
 
-def run(cfg: Any, store: Any, force: bool = False, quiet: bool = False) -> str:
+def run(cfg: Any, store: Any, force: bool = False, quiet: bool = False, rehash: bool = False) -> str:
     """Run (or find cached) the import; returns its key."""
     from . import run_stage
 
-    key, _ = run_stage(
-        "import-logits", cfg, {}, {}, store, force=force, extra=key_extra(cfg, store), quiet=quiet
-    )
+    extra = key_extra(cfg, store, rehash=rehash)
+    key, _ = run_stage("import-logits", cfg, {}, {}, store, force=force, extra=extra, quiet=quiet)
     return key
 
 
@@ -275,6 +277,12 @@ def load_groups(cfg: Any, counts: Any) -> tuple[Any, int]:
                 "import_logits.class_to_group",
                 f"{len(c2g)} entries for {C} classes",
                 "give one group id per class",
+            )
+        if int(c2g.max()) >= C:  # every group needs a class, so K <= C
+            raise ArgseError(
+                "import_logits.class_to_group",
+                f"group id {int(c2g.max())} is not below the {C} classes",
+                "use group ids 0..K-1 (K <= the number of classes), every group holding a class",
             )
         K = int(c2g.max()) + 1
         sizes = np.bincount(c2g, minlength=K)
