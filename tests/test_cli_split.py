@@ -7,7 +7,6 @@ import json
 import os
 import shutil
 import signal
-import statistics
 import subprocess
 import sys
 import time
@@ -90,22 +89,17 @@ def test_every_command_has_help(cmd):
 
 
 # ------------------------------------------------------------------------------- caching
-def test_second_run_is_a_fast_cache_hit(populated):
+def test_second_run_is_a_cache_hit_that_computes_nothing(populated):
+    """Deterministic, not timed (timings live in bench/): the rerun prints `cached` with the same key,
+    publishes nothing and leaves the store byte-identical (its light imports: the next test)."""
     root, env, key = populated
-    times, outs = [], []
-    for _ in range(3):
-        t0 = time.perf_counter()
+    before = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    for _ in range(2):
         res = run_cli(["split"], env=env)
-        times.append(time.perf_counter() - t0)
         assert res.returncode == 0, res.stderr
-        outs.append(res.stdout)
-    for out in outs:
-        assert _key_from(out, "cached") == key
-    med = statistics.median(times)
-    print(
-        f"median cache-hit wall time of `argse split`: {med:.3f} s ({', '.join(f'{t:.2f}' for t in times)})"
-    )
-    assert med < 1.5
+        assert _key_from(res.stdout, "cached") == key and "wrote" not in res.stdout
+    after = sorted((p.relative_to(root), p.stat().st_mtime_ns) for p in root.rglob("*") if p.is_file())
+    assert after == before
 
 
 def test_cache_hit_and_imports_stay_light(populated):

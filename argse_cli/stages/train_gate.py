@@ -31,6 +31,7 @@ def fit_gate(cfg: Any, export_art: Any, calib_art: Any, progress: Any = None) ->
     from ..core.expert_data import ZarrSource, load_posteriors
     from ..core.gate_fit import train_gate
 
+    cfg.check_experts(len(export_art.meta["experts"]))  # an index beyond the export: one line, no work
     experts = list(cfg.experts) if cfg.experts is not None else None
     wname = _weights_name(cfg)
     val = load_posteriors(export_art, calib_art, "val_small", experts)
