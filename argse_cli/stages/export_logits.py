@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "export-logits"
-VERSION = 5
+VERSION = 6
 SPLIT_ARRAYS = ("labels", "w_lt", "w_bal", "group")
 
 
