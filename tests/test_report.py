@@ -620,3 +620,57 @@ def test_figures_distinct_styles_outside_legend_no_duplicates(tmp_path, monkeypa
     plot_sag(r, tmp_path / "s", ("png",), title="AR-GSE (balanced)")
     title = figs[-1].axes[0].get_title()
     assert title.count("sensitivity") == 1 and title.startswith("AR-GSE (balanced): SAG sensitivity")
+
+
+# ------------------------------------------------------------------------------ results out
+def test_tidy_results_of_a_report(report_art, tmp_path):
+    from argse_cli.analysis import COLUMNS, export_results, plot_rc, result_records
+
+    art, _ = report_art
+    rows = result_records(art.key[:10], art.store)
+    s = art.json("summary.json")
+    t = s["tables"]["refit_lt"]
+    r = [x for x in rows if (x["method"], x["seed"], x["view"], x["protocol"], x["metric"])
+         == ("AR-GSE (balanced)", 1, "lt", "refit", "aurc_balanced")]
+    cell = t["rows"]["AR-GSE (balanced)"]["aurc_balanced"]
+    assert len(r) == 1 and r[0]["value"] == cell["values"][1] and [r[0]["ci_lo"], r[0]["ci_hi"]] == cell["ci"]
+    assert r[0]["ci_of"] == "seed mean" and r[0]["kind"] == "main" and r[0]["n_seeds"] == 2
+    # one row per method x seed x view x protocol x metric (the ablation table's repeats dropped)
+    idents = [(x["method"], x["seed"], x["view"], x["protocol"], x["metric"]) for x in rows]
+    assert len(idents) == len(set(idents))
+    main = {m for m in s["tables"]["refit_lt"]["rows"]}
+    n_metrics = len(t["columns"])
+    assert sum(1 for x in rows if x["method"] in main) == len(main) * 2 * 2 * 2 * n_metrics  # seeds, views, protocols
+    out = export_results(art.key, "csv", tmp_path / "r.csv", art.store)
+    import csv
+
+    with open(out) as fh:
+        back = list(csv.DictReader(fh))
+    assert list(back[0]) == list(COLUMNS) and len(back) == len(rows)
+    png = plot_rc(art.key, "worst", "bal", tmp_path / "rc.png", art.store)
+    assert open(png, "rb").read(8).startswith(b"\x89PNG")
+
+
+def test_results_dataframe(report_art, tmp_path):
+    pd = pytest.importorskip("pandas", reason="pandas is the optional 'results' extra")
+    import argse_cli
+
+    art, _ = report_art
+    df = argse_cli.results(art.key, art.store)
+    assert list(df.columns) == list(argse_cli.analysis.COLUMNS)
+    assert df["value"].dtype == float and df["std"].dtype == float and df["seed"].dtype == "Int64"
+    sub = df[(df.method == "Chow") & (df.view == "lt") & (df.protocol == "refit") & (df.metric == "aurc_worst")]
+    assert sorted(sub.seed.tolist()) == [0, 1]
+    csv_path = argse_cli.analysis.export_results(art.key, "csv", tmp_path / "r.csv", art.store)
+    back = pd.read_csv(csv_path)  # plain CSV: pandas reads it without options
+    assert back.shape == df.shape
+
+
+def test_results_parquet(report_art, tmp_path):
+    pd = pytest.importorskip("pandas", reason="pandas is the optional 'results' extra")
+    pytest.importorskip("pyarrow", reason="parquet needs pyarrow (the optional 'results' extra)")
+    from argse_cli.analysis import export_results, results
+
+    art, _ = report_art
+    pq = export_results(art.key, "parquet", tmp_path / "r.parquet", art.store)
+    assert pd.read_parquet(pq).shape == results(art.key, art.store).shape
