@@ -11,14 +11,22 @@ DOWNLOAD ?= 0
 export ARGSE_DATA := $(DATA)
 export ARGSE_STORE := $(STORE)
 
-.PHONY: install data demo test test-all lint schemas digests bench reproduce results-c100lt results-c10lt clean gpu-carry gpu-wheels gpu-check-dry
+.PHONY: install install-dev data demo test test-all lint schemas digests bench reproduce results-c100lt results-c10lt clean gpu-carry gpu-wheels gpu-check-dry
 
+# install: the package alone (all `make demo` needs); install-dev: also the test, cluster and results
+# extras (pytest, ruff, submitit, pandas/pyarrow) for `make test`, `make lint` and `argse sweep --executor slurm`
 install: $(VENV)/.installed
 
 $(VENV)/.installed: pyproject.toml constraints.txt
 	$(PYTHON) -m venv $(VENV)
 	$(VENV)/bin/pip install -q --upgrade pip >/dev/null 2>&1 || true
-	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,cluster]'
+	$(VENV)/bin/pip install -q -c constraints.txt -e .
+	touch $@
+
+install-dev: $(VENV)/.installed-dev
+
+$(VENV)/.installed-dev: $(VENV)/.installed
+	$(VENV)/bin/pip install -q -c constraints.txt -e '.[test,cluster,results]'
 	touch $@
 
 # CIFAR-10: the offline copy from ../shared when present; else download only when asked.
@@ -59,13 +67,13 @@ demo: install data
 	$(ARGSE) apply $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key) \
 	  $$(for f in $(DEMO_IMPORT)/logits/e*_test.npy; do echo --logits $$f; done) --out $(DEMO_OUT)/apply_test.npz
 
-test: install
+test: install-dev
 	env -u ARGSE_DATA -u ARGSE_STORE $(PY) -m pytest -q
 
-test-all: install
+test-all: install-dev
 	$(PY) -m pytest -q -m "not gpu"
 
-lint: install
+lint: install-dev
 	$(VENV)/bin/ruff check argse_cli tests bench scripts
 
 schemas: install

@@ -1,5 +1,8 @@
 """argse: selective classification on long-tailed data (AR-GSE).
 
+The distribution is ``argse`` (``pip install argse``, the ``argse`` command); the Python package
+is ``argse_cli`` (``import argse_cli``).
+
 Public Python API (numpy in, numpy out; torch tensors accepted too), loaded lazily so that the
 CLI's cache check stays fast:
 
@@ -8,6 +11,10 @@ CLI's cache check stays fast:
 - ``build_gating_features(posteriors)``
 - ``selective_metrics(...)``, ``rc_curve(...)``, ``aurc(...)``
 - ``load_rejector(key, store=None)``: a stored gate + rejector, ``.apply(logits_per_expert)``
+- ``load_gate_split(key, split="test", store=None)``: a stored gate's mixture eta, rule, labels
+  and weights on one split of its logits
+- ``results(eval_or_report_key, store=None)``: tidy ``pandas.DataFrame`` (one row per method x
+  seed x view x protocol x metric, with CIs); ``result_records`` without pandas
 """
 
 from __future__ import annotations
@@ -27,6 +34,9 @@ _API = {
     "rc_curve": "argse_cli.metrics",
     "aurc": "argse_cli.metrics",
     "load_rejector": "argse_cli.apply",
+    "load_gate_split": "argse_cli.analysis",
+    "results": "argse_cli.analysis",
+    "result_records": "argse_cli.analysis",
 }
 __all__ = sorted(_API)
 

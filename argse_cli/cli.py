@@ -1,33 +1,154 @@
-"""The `argse` command line: commands only parse options and call the stage runner."""
+"""The `argse` command line: commands only parse options and call the stage runner.
+
+Conventions: every option has help text; a default is shown as ``[default: X]`` (the stage
+config's default where the option is left unset); options with a fixed set of values are Enums
+(``--help`` lists them); ``--set field=value`` or ``--set section.field=value`` overrides any
+field of any section of the pipeline file (an upstream section changes the upstream keys, as
+editing the file would); bad input is one ``error: <field>: <problem> -- fix: <fix>`` line.
+"""
 
 from __future__ import annotations
 
 import functools
 import json
 import sys
+from enum import Enum
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, get_args
 
 import typer
 
+from . import __version__
 from .errors import ArgseError
 
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     help="AR-GSE: selective classification on long-tailed data. Run order: split -> train-expert -> "
-    "export-logits -> calibrate -> train-gate -> eval / baselines -> report.",
+    "export-logits -> calibrate -> train-gate -> eval / baselines -> report. Distribution `argse`, "
+    "Python package `argse_cli`.",
     pretty_exceptions_enable=False,
+    rich_markup_mode="rich",
 )
 
+
+# ------------------------------------------------------------------------------ help helpers
+def _field_default(stage: str, field: str) -> Any:
+    from .config import GATE_DEFAULTS, STAGE_MODELS
+
+    f = STAGE_MODELS[stage].model_fields[field]
+    v = None if f.default_factory is not None else f.default
+    if v is None and stage == "train-gate":
+        v = GATE_DEFAULTS.get(field)
+    return v
+
+
+def _show(v: Any) -> str:
+    if isinstance(v, bool):
+        return str(v).lower()
+    if isinstance(v, tuple | list):
+        return ",".join(_show(x) for x in v)
+    return str(v)
+
+
+def H(text: str, stage: str | None = None, field: str | None = None, default: Any = None) -> str:
+    """Help text ending in ``[default: X]``: X from the stage config's field, or ``default``."""
+    if stage is not None:
+        default = _field_default(stage, field or "")
+    return text if default is None else f"{text} \\[default: {_show(default)}]"  # \\[: not Rich markup
+
+
+def _choices(stage: str, field: str) -> tuple[str, ...]:
+    """The values of a Literal[...] (or Literal[...] | None) config field, as strings."""
+    from .config import STAGE_MODELS
+
+    ann = STAGE_MODELS[stage].model_fields[field].annotation
+    args = get_args(ann)
+    lits = [a for a in args if get_args(a)] if args and type(None) in args else [ann]
+    vals: list[Any] = []
+    for lit in lits:
+        vals += [v for v in get_args(lit) if v is not None] if get_args(lit) else [lit]
+    return tuple(str(v) for v in vals)
+
+
+def _enum(name: str, values: tuple[str, ...]) -> type[Enum]:
+    return Enum(name, {v: v for v in values}, type=str)  # type: ignore[return-value]
+
+
+Dataset = _enum("Dataset", _choices("split", "dataset"))
+Protocol = _enum("Protocol", _choices("split", "protocol"))
+Depth = _enum("Depth", _choices("train-expert", "depth"))
+Aug = _enum("Aug", _choices("train-expert", "aug"))
+Device = _enum("Device", _choices("train-expert", "device"))
+Precision = _enum("Precision", _choices("train-expert", "precision"))
+View = _enum("View", _choices("calibrate", "view"))
+Posterior = _enum("Posterior", _choices("calibrate", "posterior"))
+Beta = _enum("Beta", _choices("train-gate", "beta"))
+SagMode = _enum("SagMode", _choices("eval", "sag_mode"))
+Executor = _enum("Executor", ("inprocess", "local", "slurm"))
+SweepDevice = _enum("SweepDevice", ("cpu", "cuda"))
+Kind = _enum("Kind", ("balanced", "worst", "standard"))
+Format = _enum("Format", ("csv", "parquet"))
+StageName = _enum("StageName", ("split", "train-expert", "export-logits", "calibrate", "train-gate", "eval",
+                                "baselines", "report", "import-logits"))
+
+
+def _val(v: Any) -> Any:
+    """Enum members -> their value (lists element-wise); anything else unchanged."""
+    if isinstance(v, Enum):
+        return v.value
+    if isinstance(v, list):
+        return [_val(x) for x in v]
+    return v
+
+
+def _pattern(name: str, regex: str, example: str):
+    """A typer ``parser`` for a value with a fixed grammar (e.g. a loss spec)."""
+    import re
+
+    rx = re.compile(regex)
+
+    def parse(text: str) -> str:
+        if not rx.fullmatch(str(text)):
+            raise typer.BadParameter(f"{text!r} is not {example}")
+        return str(text)
+
+    parse.__name__ = name
+    return parse
+
+
+LOSSES = "ce | balsoftmax | logitadjust:TAU | decoupled"
+_loss = _pattern("loss", r"ce|balsoftmax|decoupled|logitadjust:\d+(\.\d+)?", LOSSES)
+_group_rule = _pattern("group_rule", r"threshold:\d+|quantile:(0?\.\d+|1(\.0+)?)(,0?\.\d+)*",
+                       "threshold:T or quantile:Q[,Q2..]")
+
+
+def _version(value: bool) -> None:
+    if value:
+        print(f"argse {__version__} (Python package argse_cli)")
+        raise typer.Exit()
+
+
+@app.callback()
+def _root(
+    version: Annotated[bool | None, typer.Option("--version", callback=_version, is_eager=True,
+                                                 help="print the version and exit")] = None,
+) -> None:
+    """AR-GSE: selective classification on long-tailed data."""
+
+
 ConfigOpt = Annotated[Path | None, typer.Option("--config", "-c", help="pipeline file (YAML/JSON) with one section per stage")]
-SetOpt = Annotated[list[str] | None, typer.Option("--set", help="override any field: --set field=value (repeatable)")]
-StoreOpt = Annotated[Path | None, typer.Option("--store", envvar="ARGSE_STORE", help="artifact store root [default: ./artifacts]")]
+SetOpt = Annotated[list[str] | None, typer.Option(
+    "--set", help="override a field: --set field=value (this stage) or --set section.field=value (any "
+    "section of the pipeline file; upstream sections change the upstream keys); repeatable")]
+StoreOpt = Annotated[Path | None, typer.Option("--store", envvar="ARGSE_STORE", help=H("artifact store root", default="./artifacts"))]
 ForceOpt = Annotated[bool, typer.Option("--force", help="recompute even if the artifact exists")]
-PrintCfgOpt = Annotated[bool, typer.Option("--print-config", help="show the resolved config and key; run nothing")]
+PrintCfgOpt = Annotated[bool, typer.Option("--print-config", help="show the resolved config and key as one JSON document; run nothing")]
 PrintKeyOpt = Annotated[bool, typer.Option("--print-key", help="print only the key; run nothing")]
-QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output")]
+QuietOpt = Annotated[bool, typer.Option("--quiet", "-q", help="no progress output (warnings and the outcome line stay)")]
 RehashOpt = Annotated[bool, typer.Option("--rehash", help="hash the input files' contents again, ignoring the (path, size, mtime) memo")]
+CostOpt = Annotated[float | None, typer.Option("--cost", help=H("rejection cost c of the operating point", "train-gate", "c"))]
+CostAlias = Annotated[float | None, typer.Option("--c", hidden=True, help="old name of --cost")]
 
 
 def _one_line(msg: str) -> str:
@@ -72,15 +193,43 @@ def _pipeline(config: Path | None, store: Path | None, dry: bool = False, rehash
 
 def _update_given(over: dict[str, Any], **opts: Any) -> None:
     """Put the command's own options over the --set values, skipping those not given (None)."""
-    over.update({k: v for k, v in opts.items() if v is not None})
+    over.update({k: _val(v) for k, v in opts.items() if v is not None})
 
 
-def _emit(stage: str, cfg: Any, key: str, print_config: bool, print_key: bool) -> bool:
+def _sets(p: Any, stage: str, items: list[str] | None) -> dict[str, Any]:
+    """The ``--set`` values of this stage; ``section.field=value`` of another section goes to that
+    section (so ``--set train_expert.epochs=2`` on train-gate finds the experts trained that way)."""
+    from .config import section_name
+    from .pipeline import SECTIONS, parse_set
+
+    own: dict[str, Any] = {}
+    for k, v in parse_set(items).items():
+        sec, dot, field = k.partition(".")
+        if not dot:
+            own[k] = v
+            continue
+        if sec not in SECTIONS or not field:
+            raise ArgseError("--set", f"{k!r}: unknown section {sec!r}",
+                             f"write field=value or section.field=value with a section of {', '.join(SECTIONS)}")
+        if sec == section_name(stage):
+            own[field] = v
+        else:
+            p.override(sec.replace("_", "-"), {field: v})
+    return own
+
+
+def _cost(cost: float | None, c: float | None) -> float | None:
+    if cost is not None and c is not None and cost != c:
+        raise ArgseError("--cost", f"--cost {cost} and --c {c} disagree", "pass --cost only (--c is its old name)")
+    return cost if cost is not None else c
+
+
+def _emit(stage: str, cfg: Any, key: str, print_config: bool, print_key: bool, **more: Any) -> bool:
     if print_key:
         print(key)
         return True
     if print_config:
-        print(json.dumps({"stage": stage, "key": key, "config": cfg.model_dump(mode="json")}, indent=2))
+        print(json.dumps({"stage": stage, "key": key, "config": cfg.model_dump(mode="json"), **more}, indent=2))
         return True
     return False
 
@@ -91,14 +240,25 @@ def _emit(stage: str, cfg: Any, key: str, print_config: bool, print_key: bool) -
 def split(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    dataset: Annotated[str | None, typer.Option(help="cifar10 | cifar100")] = None,
-    imbalance_factor: Annotated[float | None, typer.Option("--imbalance-factor", help="IF >= 1 [100]")] = None,
-    seed: Annotated[int | None, typer.Option(help="subsampling/split seed [0]")] = None,
-    protocol: Annotated[str | None, typer.Option(help="paper | fractions")] = None,
-    fractions: Annotated[str | None, typer.Option(help="comma list in split order, e.g. 0.2,0.1,0.1,0.6")] = None,
-    group_rule: Annotated[str | None, typer.Option("--group-rule", help="threshold:20 | quantile:0.5")] = None,
-    data_root: Annotated[Path | None, typer.Option("--data-root", envvar="ARGSE_DATA", help="[./data]")] = None,
-    download: Annotated[bool | None, typer.Option("--download/--no-download", help="allow torchvision download")] = None,
+    dataset: Annotated[Dataset | None, typer.Option(help=H("dataset", "split", "dataset"))] = None,
+    imbalance_factor: Annotated[float | None, typer.Option("--imbalance-factor", help=H(
+        "imbalance factor IF = n_max / n_min of the long-tailed profile (>= 1)", "split", "imbalance_factor"))] = None,
+    seed: Annotated[int | None, typer.Option(help=H("seed of the long-tailed subsampling and of the split "
+                                                    "assignment", "split", "seed"))] = None,
+    protocol: Annotated[Protocol | None, typer.Option(help=H(
+        "paper: experts train on the whole LT subset, held-out splits from the balanced test set; "
+        "fractions: all five splits from the LT subset", "split", "protocol"))] = None,
+    fractions: Annotated[str | None, typer.Option(help=H(
+        "comma list in split order (tuneV,val_small,calib,test; fractions: train first)",
+        default="0.2,0.1,0.1,0.6 (paper)"))] = None,
+    group_rule: Annotated[str | None, typer.Option("--group-rule", parser=_group_rule,
+                                                   metavar="threshold:T|quantile:Q", help=H(
+        "class -> group rule: threshold:T (tail = classes with <= T training images) or quantile:Q",
+        default="quantile:0.5 (cifar10), threshold:20 (cifar100)"))] = None,
+    data_root: Annotated[Path | None, typer.Option("--data-root", envvar="ARGSE_DATA", help=H(
+        "folder holding cifar-10-batches-py/ or cifar-100-python/", default="./data"))] = None,
+    download: Annotated[bool | None, typer.Option("--download/--no-download", help=H(
+        "allow a torchvision download when the files are missing", "split", "download"))] = None,
     store: StoreOpt = None,
     force: ForceOpt = False,
     print_config: PrintCfgOpt = False,
@@ -107,15 +267,16 @@ def split(
     rehash: RehashOpt = False,
 ) -> None:
     """Long-tailed subset, class->group map and leak-free splits of CIFAR-10/100."""
-    from .pipeline import parse_set
+    import warnings
 
+    warnings.filterwarnings("default", message=".*MD5 differs.*")  # shown here, once (see main)
     p = _pipeline(config, store, dry=print_config or print_key, rehash=rehash)
-    over: dict[str, Any] = parse_set(set_)
+    over: dict[str, Any] = _sets(p, "split", set_)
     _update_given(over, dataset=dataset, imbalance_factor=imbalance_factor, seed=seed, protocol=protocol,
-                group_rule=group_rule, download=download,
-                data_root=str(data_root) if data_root else None)
+                  group_rule=group_rule, download=download,
+                  data_root=str(data_root) if data_root else None)
     if fractions is not None:
-        over["fractions"] = _parse_fractions(fractions, protocol or p.raw("split").get("protocol", "paper"))
+        over["fractions"] = _parse_fractions(fractions, _val(protocol) or p.raw("split").get("protocol", "paper"))
     p.override("split", over)
     cfg = p.config("split")
     extra = p.split_extra()
@@ -158,45 +319,59 @@ def _parse_fractions(text: str, protocol: str) -> dict[str, float]:
 def train_expert(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    loss: Annotated[list[str] | None, typer.Option(help="ce | balsoftmax | logitadjust:TAU | decoupled (repeatable) [default set]")] = None,
-    depth: Annotated[int | None, typer.Option(help="ResNet depth 8|20|32|44|56 [32]")] = None,
-    epochs: Annotated[int | None, typer.Option(help="[200]")] = None,
-    batch_size: Annotated[int | None, typer.Option("--batch-size", help="[128]")] = None,
-    lr: Annotated[float | None, typer.Option(help="lr per batch of 128 [0.1]")] = None,
-    aug: Annotated[str | None, typer.Option(help="cropflip | plan | none")] = None,
-    device: Annotated[str | None, typer.Option(help="auto | cpu | cuda")] = None,
-    precision: Annotated[str | None, typer.Option(help="auto | fp32 | bf16")] = None,
-    compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help="torch.compile (CUDA)")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    loss: Annotated[list[str] | None, typer.Option(parser=_loss, metavar="LOSS", help=H(
+        f"expert loss, repeatable: {LOSSES} (TAU a number, e.g. logitadjust:2)",
+        default="ce, balsoftmax, logitadjust:2, decoupled"))] = None,
+    depth: Annotated[Depth | None, typer.Option(help=H("ResNet depth", "train-expert", "depth"))] = None,
+    epochs: Annotated[int | None, typer.Option(help=H("training epochs", "train-expert", "epochs"))] = None,
+    batch_size: Annotated[int | None, typer.Option("--batch-size", help=H("batch size", "train-expert",
+                                                                          "batch_size"))] = None,
+    lr: Annotated[float | None, typer.Option(help=H("learning rate per batch of 128 (scaled linearly)",
+                                                    "train-expert", "lr"))] = None,
+    aug: Annotated[Aug | None, typer.Option(help=H("training augmentation", "train-expert", "aug"))] = None,
+    device: Annotated[Device | None, typer.Option(help=H("auto: cuda when an NVIDIA driver is visible, else cpu",
+                                                         "train-expert", "device"))] = None,
+    precision: Annotated[Precision | None, typer.Option(help=H("auto: bf16 on cuda, fp32 on cpu", "train-expert",
+                                                               "precision"))] = None,
+    compile_: Annotated[bool | None, typer.Option("--compile/--no-compile", help=H(
+        "torch.compile the model (CUDA)", "train-expert", "compile"))] = None,
+    seed: Annotated[int | None, typer.Option(help=H("seed of the initialisation and the batch order",
+                                                    "train-expert", "seed"))] = None,
     store: StoreOpt = None,
     force: ForceOpt = False,
     print_config: PrintCfgOpt = False,
     print_key: PrintKeyOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train experts (one cached artifact per loss) on the split's long-tailed train set."""
-    from .pipeline import parse_set
-    from .stages import run_stage
+    """Train experts (one cached artifact per loss) on the split's long-tailed train set.
+
+    --print-config prints one JSON document listing every expert; --print-key one key per line."""
+    from .stages import key_of, run_stage
 
     p = _pipeline(config, store, dry=print_config or print_key)
-    over = parse_set(set_)
-    _update_given(over, depth=depth, epochs=epochs, batch_size=batch_size, lr=lr, aug=aug, device=device,
-                precision=precision, compile=compile_, seed=seed)
+    over = _sets(p, "train-expert", set_)
+    _update_given(over, depth=int(depth.value) if depth is not None else None, epochs=epochs,
+                  batch_size=batch_size, lr=lr, aug=aug, device=device, precision=precision, compile=compile_,
+                  seed=seed)
     if loss:
         over["losses"] = loss
     p.override("train-expert", over)
     losses = p.expert_losses()
     if "decoupled" in losses and "ce" not in losses:
         losses = ["ce", *losses]  # cRT re-uses the ce backbone
+    docs = []
     for l in losses:
         cfg = p.config("train-expert", loss=l)
         up, st = p.expert_upstream(l)
-        from .stages import key_of
-
         key = key_of("train-expert", cfg, up)
-        if _emit("train-expert", cfg, key, print_config, print_key):
-            continue
-        run_stage("train-expert", cfg, up, st, p.store, force=force, quiet=quiet)
+        if print_key:
+            print(key)
+        elif print_config:
+            docs.append({"loss": l, "key": key, "config": cfg.model_dump(mode="json")})
+        else:
+            run_stage("train-expert", cfg, up, st, p.store, force=force, quiet=quiet)
+    if print_config and not print_key:
+        print(json.dumps({"stage": "train-expert", "experts": docs}, indent=2))
 
 
 # ------------------------------------------------------------------------ export-logits
@@ -205,9 +380,12 @@ def train_expert(
 def export_logits(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    chunk_rows: Annotated[int | None, typer.Option("--chunk-rows", help="rows per Zarr chunk [4096]")] = None,
-    include_train: Annotated[bool | None, typer.Option("--include-train/--no-include-train")] = None,
-    loss: Annotated[list[str] | None, typer.Option(help="expert losses to export (repeatable) [default set]")] = None,
+    chunk_rows: Annotated[int | None, typer.Option("--chunk-rows", help=H("rows per Zarr chunk", "export-logits",
+                                                                          "chunk_rows"))] = None,
+    include_train: Annotated[bool | None, typer.Option("--include-train/--no-include-train", help=H(
+        "also export the logits of the experts' training split", "export-logits", "include_train"))] = None,
+    loss: Annotated[list[str] | None, typer.Option(parser=_loss, metavar="LOSS", help=H(
+        f"experts to export, repeatable: {LOSSES}", default="the train_expert section's losses"))] = None,
     store: StoreOpt = None,
     force: ForceOpt = False,
     print_config: PrintCfgOpt = False,
@@ -215,11 +393,10 @@ def export_logits(
     quiet: QuietOpt = False,
 ) -> None:
     """Export every expert's raw fp16 logits on the held-out splits (row-chunked Zarr)."""
-    from .pipeline import parse_set
     from .stages import key_of, run_stage
 
     p = _pipeline(config, store, dry=print_config or print_key)
-    over = parse_set(set_)
+    over = _sets(p, "export-logits", set_)
     _update_given(over, chunk_rows=chunk_rows, include_train=include_train)
     p.override("export-logits", over)
     if loss:
@@ -238,8 +415,10 @@ def export_logits(
 def calibrate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    view: Annotated[str | None, typer.Option(help="lt | bal: target view of the NLL [lt]")] = None,
-    posterior: Annotated[str | None, typer.Option(help="train | balanced [train]")] = None,
+    view: Annotated[View | None, typer.Option(help=H("target view of the NLL weights (lt: long-tailed, bal: "
+                                                     "balanced)", "calibrate", "view"))] = None,
+    posterior: Annotated[Posterior | None, typer.Option(help=H(
+        "train: put every expert on the training prior; balanced: ablation", "calibrate", "posterior"))] = None,
     store: StoreOpt = None,
     force: ForceOpt = False,
     print_config: PrintCfgOpt = False,
@@ -247,11 +426,10 @@ def calibrate(
     quiet: QuietOpt = False,
 ) -> None:
     """Fit one temperature per expert on val_small; report NLL/ECE before and after."""
-    from .pipeline import parse_set
     from .stages import key_of, run_stage
 
     p = _pipeline(config, store, dry=print_config or print_key)
-    over = parse_set(set_)
+    over = _sets(p, "calibrate", set_)
     _update_given(over, view=view, posterior=posterior)
     p.override("calibrate", over)
     cfg = p.config("calibrate")
@@ -263,39 +441,40 @@ def calibrate(
 
 
 # --------------------------------------------------------------------------- train-gate
-def _gate_overrides(p, set_, beta, xi, c, epochs, seed, view, uniform_gate, hard_routing) -> None:
-    from .pipeline import parse_set
-
-    over = parse_set(set_)
-    _update_given(over, beta=beta, xi=xi, c=c, epochs=epochs, seed=seed, view=view, uniform_gate=uniform_gate,
-                hard_routing=hard_routing)
-    p.override("train-gate", over)
-
-
 @app.command("train-gate")
 @handled
 def train_gate(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    beta: Annotated[str | None, typer.Option(help="balanced | worst [balanced]")] = None,
-    xi: Annotated[float | None, typer.Option(help="EG step for --beta worst [1.0]")] = None,
-    c: Annotated[float | None, typer.Option(help="rejection cost [0.05]")] = None,
-    epochs: Annotated[int | None, typer.Option(help="[100]")] = None,
-    seed: Annotated[int | None, typer.Option(help="gate seed [42]")] = None,
-    view: Annotated[str | None, typer.Option(help="lt | bal: target distribution [lt]")] = None,
-    uniform_gate: Annotated[bool | None, typer.Option("--uniform-gate/--learned-gate")] = None,
-    hard_routing: Annotated[bool | None, typer.Option("--hard-routing/--soft-routing")] = None,
+    beta: Annotated[Beta | None, typer.Option(help=H("balanced: Algorithm 1; worst: Algorithm 2", "train-gate",
+                                                     "beta"))] = None,
+    xi: Annotated[float | None, typer.Option(help=H("exponentiated-gradient step of Algorithm 2 (--beta worst "
+                                                    "only)", "train-gate", "xi"))] = None,
+    cost: CostOpt = None,
+    c: CostAlias = None,
+    epochs: Annotated[int | None, typer.Option(help=H("gate training epochs", "train-gate", "epochs"))] = None,
+    seed: Annotated[int | None, typer.Option(help=H("seed of the gate's initialisation and batch order",
+                                                    "train-gate", "seed"))] = None,
+    view: Annotated[View | None, typer.Option(help=H("weights of the operating point's coverage and errors",
+                                                     "train-gate", "view"))] = None,
+    uniform_gate: Annotated[bool | None, typer.Option("--uniform-gate/--learned-gate", help=H(
+        "--uniform-gate freezes the gate at w = 1/E (ablation: nothing is trained)", default="--learned-gate"))] = None,
+    hard_routing: Annotated[bool | None, typer.Option("--hard-routing/--soft-routing", help=H(
+        "top-1 routing (straight-through) instead of the soft mixture", default="--soft-routing"))] = None,
     store: StoreOpt = None,
     force: ForceOpt = False,
     print_config: PrintCfgOpt = False,
     print_key: PrintKeyOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train the gating network and the AR-GSE rejector (alpha, mu) primal-dual."""
+    """Train the gating network and fit its plug-in rule (alpha, mu) at every coverage."""
     from .stages import key_of, run_stage
 
     p = _pipeline(config, store, dry=print_config or print_key)
-    _gate_overrides(p, set_, beta, xi, c, epochs, seed, view, uniform_gate, hard_routing)
+    over = _sets(p, "train-gate", set_)
+    _update_given(over, beta=beta, xi=xi, c=_cost(cost, c), epochs=epochs, seed=seed, view=view,
+                  uniform_gate=uniform_gate, hard_routing=hard_routing)
+    p.override("train-gate", over)
     cfg = p.config("train-gate")
     up, st = p.gate_upstream()
     if cfg.experts is not None and p.store.exists(st["export"], up["export"]):
@@ -308,34 +487,74 @@ def train_gate(
     run_stage("train-gate", cfg, up, st, p.store, force=force, quiet=quiet)
 
 
+def _gate_key(p: Any, gate: str | None, dry: bool) -> tuple[str, bool]:
+    """(gate key, trained?) of --gate (a key or unique prefix) or of the pipeline file's train_gate.
+    A dry run (--print-config / --print-key) accepts a full key that is not trained yet."""
+    if gate is None:
+        k = p.gate_key()
+        return k, p.store.exists("train-gate", k)
+    try:
+        return p.store.resolve(gate, "train-gate")[1], True
+    except ArgseError:
+        if dry and len(gate) == 32:
+            return gate, False
+        raise
+
+
+def _missing_gate_note(gkey: str, trained: bool) -> dict[str, Any]:
+    if not trained:
+        print(f"note: gate {gkey[:12]} is not trained yet: run `argse train-gate` with the same config first",
+              file=sys.stderr, flush=True)
+    return {"gate": {"key": gkey, "trained": trained}}
+
+
 # --------------------------------------------------------------------------------- eval
 @app.command("eval")
 @handled
 def eval_(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    gate: Annotated[str | None, typer.Option(help="gate key [the pipeline file's train_gate]")] = None,
-    n_boot: Annotated[int | None, typer.Option("--n-boot", help="bootstrap resamples [1000]")] = None,
-    seed: Annotated[int | None, typer.Option()] = None,
+    gate: Annotated[str | None, typer.Option(help=H("train-gate key or unique prefix",
+                                                    default="the pipeline file's train_gate"))] = None,
+    n_boot: Annotated[int | None, typer.Option("--n-boot", help=H("bootstrap resamples of the CIs (0: none)",
+                                                                  "eval", "n_boot"))] = None,
+    seed: Annotated[int | None, typer.Option(help=H("seed of the bootstrap resamples, the SAG stream and the "
+                                                    "simulated humans", "eval", "seed"))] = None,
+    target_risk: Annotated[float | None, typer.Option("--target-risk", help=H(
+        "add risk-controlled thresholds fitted on calib for this target selective risk (LTT, per-group, "
+        "Mondrian conformal)", default="off"))] = None,
+    delta: Annotated[float | None, typer.Option(help=H("failure probability of the risk guarantee", "eval",
+                                                       "delta"))] = None,
+    conformal_epsilon: Annotated[float | None, typer.Option("--conformal-epsilon", help=H(
+        "Mondrian conformal bound on P(accept | error, group)", "eval", "conformal_epsilon"))] = None,
+    sag_mode: Annotated[SagMode | None, typer.Option("--sag-mode", help=H(
+        "replay test as a stream with S-Aware-Gating thresholds in this mode", default="off"))] = None,
+    sag_target: Annotated[float | None, typer.Option("--sag-target", help=H("target rate of the SAG mode", "eval",
+                                                                            "sag_target"))] = None,
+    l2d: Annotated[bool | None, typer.Option("--l2d/--no-l2d", help=H(
+        "learning to defer to simulated humans by EM, compared with AR-GSE's rejection", "eval", "l2d"))] = None,
     store: StoreOpt = None,
     force: ForceOpt = False,
     print_config: PrintCfgOpt = False,
     print_key: PrintKeyOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Risk-coverage metrics of a trained gate on test (sweep and refit views, bootstrap CIs)."""
-    from .pipeline import parse_set
+    """Risk-coverage metrics of a trained gate on test (refit and sweep views, bootstrap CIs), and
+    optionally risk-controlled thresholds, SAG and learning to defer."""
     from .stages import key_of, run_stage
 
-    p = _pipeline(config, store, dry=print_config or print_key)
-    over = parse_set(set_)
-    _update_given(over, n_boot=n_boot, seed=seed)
+    dry = print_config or print_key
+    p = _pipeline(config, store, dry=dry)
+    over = _sets(p, "eval", set_)
+    _update_given(over, n_boot=n_boot, seed=seed, target_risk=target_risk, delta=delta,
+                  conformal_epsilon=conformal_epsilon, sag_mode=sag_mode, sag_target=sag_target, l2d=l2d)
     p.override("eval", over)
     cfg = p.config("eval")
-    gkey = p.store.resolve(gate, "train-gate")[1] if gate else p.gate_key()
+    gkey, trained = _gate_key(p, gate, dry)
     up, st = {"gate": gkey}, {"gate": "train-gate"}
     key = key_of("eval", cfg, up)
-    if _emit("eval", cfg, key, print_config, print_key):
+    if _emit("eval", cfg, key, print_config, print_key,
+             **(_missing_gate_note(gkey, trained) if print_config and not print_key else {})):
         return
     run_stage("eval", cfg, up, st, p.store, force=force, quiet=quiet)
 
@@ -346,10 +565,14 @@ def eval_(
 def baselines(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    gate: Annotated[str | None, typer.Option(help="gate key for AR-GSE ablations [pipeline's]")] = None,
-    seeds: Annotated[str | None, typer.Option(help="comma list, e.g. 42,43,44,45,46")] = None,
-    c: Annotated[float | None, typer.Option(help="rejection cost [0.05]")] = None,
-    n_boot: Annotated[int | None, typer.Option("--n-boot")] = None,
+    gate: Annotated[str | None, typer.Option(help=H("train-gate key (or prefix) whose recipe the AR-GSE "
+                                                    "ablations retrain", default="the pipeline file's train_gate"))] = None,
+    seeds: Annotated[str | None, typer.Option(help=H("comma list of ablation gate seeds, e.g. 42,43,44",
+                                                     "baselines", "seeds"))] = None,
+    cost: CostOpt = None,
+    c: CostAlias = None,
+    n_boot: Annotated[int | None, typer.Option("--n-boot", help=H("bootstrap resamples of each method's CIs "
+                                                                  "(0: none)", "baselines", "n_boot"))] = None,
     store: StoreOpt = None,
     force: ForceOpt = False,
     print_config: PrintCfgOpt = False,
@@ -357,60 +580,125 @@ def baselines(
     quiet: QuietOpt = False,
 ) -> None:
     """Chow, DE-Chow, CS-plug-in (U-PI, SB-PI), Plug-in[Worst] and AR-GSE ablations."""
-    from .pipeline import parse_set
     from .stages import key_of, run_stage
 
-    p = _pipeline(config, store, dry=print_config or print_key)
-    over = parse_set(set_)
-    _update_given(over, c=c, n_boot=n_boot)
+    dry = print_config or print_key
+    p = _pipeline(config, store, dry=dry)
+    over = _sets(p, "baselines", set_)
+    _update_given(over, c=_cost(cost, c), n_boot=n_boot)
     if seeds:
         over["seeds"] = _parse_ints(seeds, "--seeds")
     p.override("baselines", over)
     cfg = p.config("baselines")
-    gkey = p.store.resolve(gate, "train-gate")[1] if gate else p.gate_key()
+    gkey, trained = _gate_key(p, gate, dry)
     est, ekey = p.export_ref()
     up = {"export": ekey, "calibrate": p.calibrate_key(), "gate": gkey}
     st = {"export": est, "calibrate": "calibrate", "gate": "train-gate"}
     key = key_of("baselines", cfg, up)
-    if _emit("baselines", cfg, key, print_config, print_key):
+    if _emit("baselines", cfg, key, print_config, print_key,
+             **(_missing_gate_note(gkey, trained) if print_config and not print_key else {})):
         return
     run_stage("baselines", cfg, up, st, p.store, force=force, quiet=quiet)
 
 
 # ------------------------------------------------------------------------------- report
+def pipeline_inputs(p: Any, latest: bool) -> tuple[list[str], list[str]]:
+    """Eval and baselines keys of a pipeline file: every eval (with the file's eval config) of a gate
+    trained on the file's logits and calibration, and every baselines artifact (the file's config)
+    on them. ``latest``: the newest per (method, gate seed) and the newest baselines; otherwise
+    all of them (two evals of one method and seed, or two baselines, are an error)."""
+    from .stages.evaluate import method_name
+
+    est, ekey = p.export_ref()
+    ckey = p.calibrate_key()
+    ecfg, bcfg = p.config("eval").key_payload(), p.config("baselines").key_payload()
+    evals: dict[tuple, list] = {}
+    bases: list = []
+
+    def when(a: Any) -> tuple:
+        from .store import MARKER
+
+        return (a.manifest.get("created", ""), (a.path / MARKER).stat().st_mtime_ns)
+
+    for a in p.store.list():
+        if a.stage == "eval" and a.config == ecfg:
+            try:
+                g = a.upstream("gate")
+            except ArgseError:
+                continue
+            if g.upstream_keys.get("export") == ekey and g.upstream_keys.get("calibrate") == ckey:
+                evals.setdefault((method_name(g.config), g.config.get("seed")), []).append(a)
+        elif (a.stage == "baselines" and a.config == bcfg and a.upstream_keys.get("export") == ekey
+              and a.upstream_keys.get("calibrate") == ckey):
+            bases.append(a)
+    if not evals and not bases:
+        raise ArgseError("--latest/--all", f"no eval or baselines artifact of this pipeline file in {p.store.root}",
+                         "run `argse eval` / `argse baselines` with the same --config first")
+    if latest:
+        chosen = [max(v, key=when) for v in evals.values()]
+        chosen_b = [max(bases, key=when)] if bases else []
+    else:
+        dup = next(((k, v) for k, v in evals.items() if len(v) > 1), None)
+        if dup is not None:
+            (m, s), v = dup
+            raise ArgseError("--all", f"{len(v)} evals of {m} seed {s} ({', '.join(a.key[:12] for a in v)})",
+                             "use --latest (the newest of each), or pass the --eval keys")
+        if len(bases) > 1:
+            raise ArgseError("--all", f"{len(bases)} baselines artifacts ({', '.join(a.key[:12] for a in bases)})",
+                             "use --latest (the newest), or pass the --baselines key")
+        chosen, chosen_b = [a for v in evals.values() for a in v], bases
+    return sorted(a.key for a in chosen), [a.key for a in chosen_b]
+
+
 @app.command()
 @handled
 def report(
     config: ConfigOpt = None,
     set_: SetOpt = None,
-    eval_keys: Annotated[list[str] | None, typer.Option("--eval", help="eval keys (repeatable)")] = None,
-    baseline_keys: Annotated[list[str] | None, typer.Option("--baselines", help="baselines keys (repeatable)")] = None,
-    out: Annotated[Path | None, typer.Option("--out", help="also copy main.tex and figures here")] = None,
+    eval_keys: Annotated[list[str] | None, typer.Option("--eval", help="eval key (or prefix); repeatable")] = None,
+    baseline_keys: Annotated[list[str] | None, typer.Option("--baselines", help="baselines key (or prefix); "
+                                                                                  "repeatable")] = None,
+    latest: Annotated[bool, typer.Option("--latest", help="take the inputs from --config: the newest eval per "
+                                                          "method and gate seed, and the newest baselines")] = False,
+    all_: Annotated[bool, typer.Option("--all", help="take the inputs from --config: every eval and baselines "
+                                                     "artifact of the pipeline (duplicates are an error)")] = False,
+    out: Annotated[Path | None, typer.Option("--out", help="also copy every file of the report into this "
+                                                           "folder")] = None,
     store: StoreOpt = None,
     force: ForceOpt = False,
     print_config: PrintCfgOpt = False,
     print_key: PrintKeyOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """LaTeX tables (booktabs) and PDF/PNG figures from eval and baselines artifacts."""
-    from .pipeline import parse_set
+    """LaTeX tables (booktabs) and PDF/PNG figures from eval and baselines artifacts: pass their keys,
+    or --config FILE with --latest / --all to take every eval and baselines of that pipeline."""
     from .stages import key_of, run_stage
 
     p = _pipeline(config, store, dry=print_config or print_key)
-    p.override("report", parse_set(set_))
+    p.override("report", _sets(p, "report", set_))
     cfg = p.config("report")
     if out is not None:
         from .store import check_out_dir
 
         check_out_dir(out)  # before any work
-    evals = [p.store.resolve(k, "eval")[1] for k in eval_keys or []]
-    bases = [p.store.resolve(k, "baselines")[1] for k in baseline_keys or []]
+    if latest and all_:
+        raise ArgseError("--latest/--all", "both given", "pass one of them")
+    if latest or all_:
+        if eval_keys or baseline_keys:
+            raise ArgseError("--latest/--all", "given with --eval/--baselines keys", "pass keys or --latest/--all")
+        if config is None:
+            raise ArgseError("--latest/--all", "no pipeline file", "pass --config FILE (the pipeline of the evals)")
+        evals, bases = pipeline_inputs(p, latest)
+    else:
+        evals = [p.store.resolve(k, "eval")[1] for k in eval_keys or []]
+        bases = [p.store.resolve(k, "baselines")[1] for k in baseline_keys or []]
     if not evals and not bases:
-        raise ArgseError("--eval/--baselines", "no input artifacts", "pass --eval KEY and/or --baselines KEY")
+        raise ArgseError("--eval/--baselines", "no input artifacts",
+                         "pass --eval KEY and/or --baselines KEY, or --config FILE --latest")
     up = {"evals": evals, "baselines": bases}
     st = {"evals": "eval", "baselines": "baselines"}
     key = key_of("report", cfg, up)
-    if _emit("report", cfg, key, print_config, print_key):
+    if _emit("report", cfg, key, print_config, print_key, inputs=up):
         return
     key, _ = run_stage("report", cfg, up, st, p.store, force=force, quiet=quiet)
     if out is not None:
@@ -433,12 +721,11 @@ def import_logits(
     rehash: RehashOpt = False,
 ) -> None:
     """Import experts' logits trained elsewhere (pipeline file with an import_logits section)."""
-    from .pipeline import parse_set
     from .stages import key_of
     from .stages.import_logits import key_extra, run
 
     p = _pipeline(config, store)
-    p.override("import-logits", parse_set(set_))
+    p.override("import-logits", _sets(p, "import-logits", set_))
     cfg = p.config("import-logits")
     if print_key or print_config:
         extra = key_extra(cfg, p.store, write=False, rehash=rehash)
@@ -455,11 +742,32 @@ def apply(
     out: Annotated[Path, typer.Option("--out", help="output file (.npz or .csv): prediction, margin, accept per row")],
     store: StoreOpt = None,
 ) -> None:
-    """Apply a stored calibrated gate + rejector to new logits."""
+    """Apply a stored calibrated gate + rejector to new logits; prints the file written and the share
+    of rows accepted (and says so when the rule accepts every row)."""
     from .apply import apply_files
     from .store import Store
 
-    print(apply_files(gate, [str(x) for x in logits], str(out), Store(store).root))
+    path = apply_files(gate, [str(x) for x in logits], str(out), Store(store).root)
+    print(path)
+    print(accept_summary(path))
+
+
+def accept_summary(path: str) -> str:
+    """``accepted k of n rows (coverage k/n)`` of an apply output (.npz or .csv)."""
+    import numpy as np
+
+    if path.lower().endswith(".npz"):
+        with np.load(path) as z:
+            acc = np.asarray(z["accept"], bool)
+    else:
+        acc = np.loadtxt(path, delimiter=",", skiprows=1, usecols=3, ndmin=1).astype(bool)
+    k, n = int(acc.sum()), int(acc.size)
+    line = f"accepted {k} of {n} rows (coverage {k / max(n, 1):.3f})"
+    if n and k == n:
+        line += ": the rule accepts every row (nothing is rejected at this cost)"
+    elif n and k == 0:
+        line += ": the rule rejects every row"
+    return line
 
 
 # -------------------------------------------------------------------------------- sweep
@@ -467,21 +775,33 @@ def apply(
 @handled
 def sweep(
     config: ConfigOpt = None,
-    seeds: Annotated[str | None, typer.Option(help="comma list of seeds, e.g. 42,43,44")] = None,
-    loss: Annotated[list[str] | None, typer.Option(help="expert losses (repeatable or comma list)")] = None,
-    beta: Annotated[list[str] | None, typer.Option(help="gate variants: balanced / worst (repeatable)")] = None,
-    executor: Annotated[str, typer.Option(help="inprocess | local | slurm")] = "inprocess",
+    seeds: Annotated[str | None, typer.Option(help=H("comma list of seeds, e.g. 42,43,44",
+                                                     default="the file's sweep section"))] = None,
+    loss: Annotated[list[str] | None, typer.Option(help=H(f"expert losses ({LOSSES}), repeatable or a comma list",
+                                                          default="the file's sweep section"))] = None,
+    beta: Annotated[list[Beta] | None, typer.Option(help=H("gate variants, repeatable",
+                                                           default="the file's sweep section"))] = None,
+    executor: Annotated[Executor, typer.Option(show_default=False, help=H(
+        "inprocess: this process; local: submitit on this machine; slurm: SLURM job arrays",
+        default="inprocess"))] = Executor("inprocess"),
     dry_run: Annotated[bool, typer.Option("--dry-run", help="print the plan (key, cached / to-run) only")] = False,
-    until: Annotated[str | None, typer.Option(help="last stage to plan (e.g. train-gate)")] = None,
-    full_reruns: Annotated[bool | None, typer.Option("--full-reruns/--no-full-reruns", help="seeds also re-draw split and experts")] = None,
-    device: Annotated[str | None, typer.Option(help="device class for training stages (cpu | cuda)")] = None,
-    folder: Annotated[Path | None, typer.Option(help="submitit log folder")] = None,
-    partition: Annotated[str | None, typer.Option(help="SLURM partition")] = None,
-    gpus_per_job: Annotated[int | None, typer.Option("--gpus-per-job")] = None,
-    cpus_per_task: Annotated[int | None, typer.Option("--cpus-per-task")] = None,
-    timeout_min: Annotated[int, typer.Option("--timeout-min", help="SLURM time limit per job")] = 240,
-    array_parallelism: Annotated[int, typer.Option("--array-parallelism")] = 16,
-    retries: Annotated[int, typer.Option(help="resubmit failed runs this many times")] = 0,
+    until: Annotated[StageName | None, typer.Option(help=H("last stage to plan", default="report"))] = None,
+    full_reruns: Annotated[bool | None, typer.Option("--full-reruns/--no-full-reruns", help=H(
+        "seeds also re-draw split and experts", default="--no-full-reruns"))] = None,
+    device: Annotated[SweepDevice | None, typer.Option(help=H(
+        "device class for the training stages", default="auto; cuda on slurm with GPUs"))] = None,
+    folder: Annotated[Path | None, typer.Option(help=H("submitit log folder", default="<store>/.submitit"))] = None,
+    partition: Annotated[str | None, typer.Option(help=H("SLURM partition", default="the cluster's default"))] = None,
+    gpus_per_job: Annotated[int | None, typer.Option("--gpus-per-job", help=H(
+        "GPUs per job", default="1 on slurm or when CUDA is visible, else 0"))] = None,
+    cpus_per_task: Annotated[int | None, typer.Option("--cpus-per-task", help=H(
+        "CPUs per SLURM task", default="the cluster's default"))] = None,
+    timeout_min: Annotated[int, typer.Option("--timeout-min", show_default=False, help=H(
+        "SLURM time limit per job (minutes)", default=240))] = 240,
+    array_parallelism: Annotated[int, typer.Option("--array-parallelism", show_default=False, help=H(
+        "SLURM jobs of one array running at once", default=16))] = 16,
+    retries: Annotated[int, typer.Option(show_default=False, help=H("resubmit failed runs this many times",
+                                                                    default=0))] = 0,
     store: StoreOpt = None,
     quiet: QuietOpt = False,
 ) -> None:
@@ -489,13 +809,63 @@ def sweep(
     from .sweep import sweep_command
 
     rc = sweep_command(
-        config, store, seeds, loss, beta, executor, dry_run, until=until, full_reruns=full_reruns,
-        device=device, folder=folder, partition=partition, gpus_per_job=gpus_per_job,
+        config, store, seeds, loss, _val(beta), _val(executor), dry_run, until=_val(until), full_reruns=full_reruns,
+        device=_val(device), folder=folder, partition=partition, gpus_per_job=gpus_per_job,
         cpus_per_task=cpus_per_task, timeout_min=timeout_min, array_parallelism=array_parallelism,
         retries=retries, quiet=quiet,
     )
     if rc:
         raise typer.Exit(rc)
+
+
+# ------------------------------------------------------------------------ results out
+@app.command()
+@handled
+def plot(
+    key: Annotated[str, typer.Argument(help="eval or report key (or unique prefix)")],
+    kind: Annotated[Kind, typer.Option(show_default=False, help=H("which error the y axis shows",
+                                                                  default="balanced"))] = Kind("balanced"),
+    view: Annotated[View, typer.Option(show_default=False, help=H(
+        "lt: long-tailed weights w_lt; bal: balanced weights w_bal", default="lt"))] = View("lt"),
+    out: Annotated[Path | None, typer.Option("--out", help=H(
+        "output file (.png or .pdf)", default="./rc_<kind>_<view>_<key>.png"))] = None,
+    store: StoreOpt = None,
+) -> None:
+    """The risk-coverage figure of an eval (refit and sweep curves) or a report (every method), with
+    its bootstrap bands, in one command; prints the file written."""
+    from .analysis import plot_rc
+    from .store import Store
+
+    print(plot_rc(key, _val(kind), _val(view), out, Store(store)))
+
+
+@app.command("export-results")
+@handled
+def export_results(
+    key: Annotated[str, typer.Argument(help="eval or report key (or unique prefix)")],
+    format_: Annotated[Format, typer.Option("--format", show_default=False, help=H(
+        "csv (plain, no comment lines) or parquet (needs pandas and pyarrow)", default="csv"))] = Format("csv"),
+    out: Annotated[Path | None, typer.Option("--out", help=H(
+        "output file", default="./results_<key>.<format>"))] = None,
+    store: StoreOpt = None,
+) -> None:
+    """Tidy results of an eval or a report (one row per method x seed x view x protocol x metric, with
+    CIs) as CSV or Parquet; the same table as argse_cli.results(KEY) in Python."""
+    from .analysis import export_results as export
+    from .store import Store
+
+    print(export(key, _val(format_), out, Store(store)))
+
+
+@app.command()
+@handled
+def schema(
+    stage: Annotated[StageName, typer.Argument(help="stage whose config schema to print")],
+) -> None:
+    """JSON Schema of a stage's config section (what a pipeline file's section may hold)."""
+    from .schemas import render
+
+    print(render(_val(stage)), end="")
 
 
 # ------------------------------------------------------------------------- store tools
@@ -610,10 +980,11 @@ def verify(keys: Annotated[list[str] | None, typer.Argument(help="keys (default:
 @handled
 def gc(
     store: StoreOpt = None,
-    max_age: Annotated[float, typer.Option("--max-age", help="hours after which a dead writer's temp dir goes")] = 24.0,
+    max_age: Annotated[float, typer.Option("--max-age", show_default=False, help=H(
+        "hours after which a dead writer's temp dir goes", default=24))] = 24.0,
     keep: Annotated[list[str] | None, typer.Option("--keep", help="also remove artifacts not reachable from these keys")] = None,
     pending: Annotated[bool, typer.Option("--pending", help="also remove dead writers' pending (resumable) dirs")] = False,
-    dry_run: Annotated[bool, typer.Option("--dry-run")] = False,
+    dry_run: Annotated[bool, typer.Option("--dry-run", help="list what would go; remove nothing")] = False,
 ) -> None:
     """Remove temp dirs of dead writers (never a live writer's), incomplete artifact folders and kill
     debris; optionally unreachable artifacts (--keep) and resumable state (--pending)."""
@@ -635,11 +1006,32 @@ def _one_line_warning(message, category, filename, lineno, file=None, line=None)
     return f"warning: {message}\n"
 
 
+def _usage_line(e: Exception) -> str:
+    """A click usage error (bad choice, unknown option, ...) as the project's one error line."""
+    param = getattr(e, "param", None)
+    opts = getattr(param, "opts", None) or []
+    field = opts[0] if opts else (getattr(param, "name", None) or getattr(e, "option_name", None) or "usage")
+    msg = str(getattr(e, "message", "") or e).strip().rstrip(".").removeprefix("Value error, ")
+    ctx = getattr(e, "ctx", None)
+    cmd = getattr(ctx, "command_path", None) or "argse"
+    return f"{field}: {msg} -- fix: see `{cmd} --help`"
+
+
 def main() -> None:
     import warnings
 
     warnings.formatwarning = _one_line_warning
-    app()
+    # the offline copy's MD5 note is shown once, by `split` (and recorded in its manifest)
+    warnings.filterwarnings("ignore", message=".*MD5 differs.*")
+    try:
+        rc = app(standalone_mode=False)
+    except typer.Abort:
+        print("error: interrupted; nothing was published", file=sys.stderr, flush=True)
+        sys.exit(2)
+    except typer.TyperException as e:  # click's usage errors: one line, exit 2
+        print(f"error: {_usage_line(e)}", file=sys.stderr, flush=True)
+        sys.exit(2)
+    sys.exit(rc if isinstance(rc, int) else 0)
 
 
 if __name__ == "__main__":

@@ -413,6 +413,16 @@ class ReportConfig(StageConfig):
     formats: tuple[Literal["pdf", "png"], ...] = ("pdf", "png")
     title: str = "AR-GSE"
     n_boot: int = Field(1000, ge=1, le=100_000, description="bootstrap resamples of the CIs and paired comparisons")
+    table_ci: Literal["halfwidth", "column", "none"] = Field(
+        "halfwidth", description="CIs in the LaTeX tables: halfwidth = cells 'mean +- half-width of the seed-mean "
+        "95% CI'; column = cells 'mean +- std over seeds' and a CI column after each AURC; none = mean +- std only")
+    bands: Literal["headline", "all", "none"] = Field(
+        "headline", description="pointwise bootstrap bands in the RC figures: headline = AR-GSE, U-PI, SB-PI and "
+        "Plug-in[Worst]; all = every method; none")
+    band_boot: int = Field(200, ge=10, le=100_000, description="bootstrap resamples of the figures' bands")
+    banner: str | None = Field(None, max_length=200, description="a line shown on every table, figure and "
+                               "summary, e.g. 'smoke recipe: numbers are not meaningful'; {expert_epochs} is "
+                               "replaced by the training epochs of the inputs' experts")
 
 
 class ExpertSource(BaseModel):

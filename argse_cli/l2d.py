@@ -38,6 +38,7 @@ __all__ = [
     "defer_curve",
     "deferral_comparison",
     "em_defer",
+    "em_diagnostics",
     "human_loglik",
     "observed_loglik",
     "sample_from_model",
@@ -310,6 +311,44 @@ def em_defer(
         ll = ll_new
     R = np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
     return L2DResult(eps=eps, loglik=hist, gate=gate, resp=R, n_iter=n_done, converged=converged)
+
+
+def em_diagnostics(
+    loglik: Any,
+    eps: Any,
+    simulated_noise: Any = None,
+    *,
+    rel_tol: float = 1e-6,
+    noise_tol: float = 0.05,
+) -> dict[str, Any]:
+    """Convergence of an EM fit and the fitted noise against the simulated one, with warnings.
+
+    ``loglik`` = [L_0, ..., L_T] (:class:`L2DResult`). The fit counts as converged iff its last
+    relative increase ``(L_T - L_{T-1}) / |L_{T-1}|`` is at most ``rel_tol`` (a fit that stopped
+    by its own ``tol`` meets this whenever ``tol <= rel_tol``). With ``simulated_noise`` (the
+    humans' simulated rates), ``max_h |eps_h - noise_h| > noise_tol`` is flagged: eps_h then is not
+    an estimate of the humans' noise (see the module docstring: independent noisy humans do not
+    follow the mixture). Returns ``converged``, ``last_rel_increase``, ``max_noise_gap`` and
+    ``warnings`` (one line each).
+    """
+    ll = np.asarray(loglik, dtype=np.float64).reshape(-1)
+    eps = np.asarray(eps, dtype=np.float64).reshape(-1)
+    rel = float((ll[-1] - ll[-2]) / max(abs(ll[-2]), _TINY)) if ll.size >= 2 else float("inf")
+    converged = bool(rel <= rel_tol)
+    warnings: list[str] = []
+    if not converged:
+        warnings.append(f"L2D: EM not converged after {max(ll.size - 1, 0)} iterations (last relative "
+                        f"log-likelihood increase {rel:.2g} > {rel_tol:g}); results use the last iterate")
+    gap = None
+    if simulated_noise is not None:
+        sim = np.asarray(simulated_noise, dtype=np.float64).reshape(-1)
+        gap = float(np.max(np.abs(eps - sim))) if sim.size == eps.size else float("inf")
+        if gap > noise_tol:
+            fitted, simulated = "/".join(f"{e:.3f}" for e in eps), "/".join(f"{e:.3g}" for e in sim)
+            warnings.append(f"L2D: fitted human noise {fitted} vs simulated {simulated}: eps is not a "
+                            "noise estimate here (independent noisy humans do not follow the mixture model)")
+    return {"converged": converged, "last_rel_increase": rel if np.isfinite(rel) else None,
+            "max_noise_gap": gap, "rel_tol": rel_tol, "noise_tol": noise_tol, "warnings": warnings}
 
 
 # --------------------------------------------------------------------------- deferral

@@ -86,7 +86,7 @@ def validate(stage: str, data: dict[str, Any]) -> StageConfig:
         elif err["type"] in ("finite_number",):
             fix = "use a finite number"
         else:
-            fix = f"see `argse {stage} --help` or schemas/{stage}.json"
+            fix = f"see `argse {stage} --help` or `argse schema {stage}`"
         msg = err["msg"].replace("\n", " ")
         raise ArgseError(field, msg, fix) from None
 

@@ -18,7 +18,8 @@ from conftest import run_cli
 from argse_cli.store import Store
 
 COMMANDS = ["split", "train-expert", "export-logits", "calibrate", "train-gate", "eval",
-            "baselines", "report", "import-logits", "apply", "sweep", "ls", "show", "verify", "gc"]  # fmt: skip
+            "baselines", "report", "import-logits", "apply", "sweep", "plot", "export-results", "schema",
+            "ls", "show", "verify", "gc"]  # fmt: skip
 HEAVY = ("torch", "zarr", "matplotlib", "scipy")
 
 

@@ -244,7 +244,7 @@ def test_validate_errors_are_one_line_naming_field_and_fix():
     cases = [
         ("split", {"bogus": 1}, "split.bogus", "remove it"),
         ("split", {"imbalance_factor": math.nan}, "split.imbalance_factor", "finite"),
-        ("split", {"imbalance_factor": 0.5}, "split.imbalance_factor", "schemas/split.json"),
+        ("split", {"imbalance_factor": 0.5}, "split.imbalance_factor", "argse schema split"),
         ("train-expert", {"loss": "focal"}, "train_expert.loss", "argse train-expert --help"),
         ("split", {"fractions": {"tuneV": 1.0}}, "split", "fix"),
     ]

@@ -163,3 +163,37 @@ def test_deferral_comparison_and_plot(tmp_path):
         points={"L2D gate's own choice": op},
     )
     assert all(p.exists() and p.stat().st_size > 1000 for p in paths)
+
+
+def test_em_diagnostics_hand_computed():
+    from argse_cli.l2d import em_diagnostics
+
+    # last relative increase (-99.5 - -100) / 100 = 5e-3 > 1e-6: not converged
+    d = em_diagnostics([-120.0, -100.0, -99.5], [0.077, 0.003], [0.3, 0.3])
+    assert d["converged"] is False and d["last_rel_increase"] == pytest.approx(5e-3)
+    assert d["max_noise_gap"] == pytest.approx(0.297)
+    assert len(d["warnings"]) == 2
+    assert "not converged after 2 iterations" in d["warnings"][0]
+    assert "0.077/0.003 vs simulated 0.3/0.3" in d["warnings"][1]
+    # flat log-likelihood and fitted noise within 0.05 of the simulated: no warning
+    ok = em_diagnostics([-120.0, -100.0, -100.0], [0.28, 0.33], [0.3, 0.3])
+    assert ok["converged"] is True and ok["warnings"] == [] and ok["max_noise_gap"] == pytest.approx(0.03)
+    # no simulated noise given: only convergence is judged
+    assert em_diagnostics([-1.0, -1.0], [0.9])["warnings"] == []
+
+
+def test_em_fit_of_independent_noisy_humans_is_flagged():
+    """The eval's setting (humans = independent noisy label copies): EM's eps collapses (module
+    docstring), which the diagnostics turn into a warning instead of a silent number."""
+    from argse_cli.l2d import em_defer, em_diagnostics, simulate_humans
+
+    rng = np.random.default_rng(0)
+    C, N = 5, 600
+    y = rng.integers(0, C, N)
+    eta = np.full((N, C), 0.1)
+    eta[np.arange(N), y] += 0.5
+    eta /= eta.sum(1, keepdims=True)
+    m = simulate_humans(y, C, [0.3, 0.3], seed=1)
+    fit = em_defer(rng.normal(size=(N, 3)), eta, m, y, C, n_iter=20)
+    d = em_diagnostics(fit.loglik, fit.eps, [0.3, 0.3])
+    assert d["max_noise_gap"] > 0.05 and any("fitted human noise" in w for w in d["warnings"])

@@ -91,6 +91,30 @@ def _publish(store, stage: str, name: str, fill, upstream=None, stages=None) -> 
     return key
 
 
+def _extras(data: dict, m: dict) -> dict:
+    """Risk control, SAG and L2D sections of an eval's metrics.json, made by the real functions on
+    the fake data (calib: the first half of the rows, test: the second)."""
+    from argse_cli.guarantees import risk_control_report
+    from argse_cli.l2d import deferral_comparison, em_defer, simulate_humans
+    from argse_cli.sag import sag_stream
+
+    n = len(data["y"]) // 2
+    part = lambda sl: {"score": m["score"][sl], "pred": m["pred"][sl], "y": data["y"][sl],  # noqa: E731
+                       "w_lt": data["w_lt"][sl], "w_bal": data["w_bal"][sl]}
+    cal, tst = part(slice(0, n)), part(slice(n, None))
+    g = risk_control_report(cal, tst, data["class_to_group"], 0.1, 0.1, 0.1)
+    sag = sag_stream(tst["score"], tst["pred"] == tst["y"], "sensitivity", 0.8, 100, 20, seed=0)
+    eta = np.full((n, C), 0.02)
+    eta[np.arange(n), tst["pred"]] = 0.82
+    hm = simulate_humans(tst["y"], C, [0.3, 0.3], seed=0)
+    fit = em_defer(np.c_[tst["score"], eta.max(1)], eta, hm, tst["y"], C, n_iter=5)
+    comp = deferral_comparison(fit.gate.predict(np.c_[tst["score"], eta.max(1)]), eta, hm, tst["y"], tst["score"],
+                               tst["pred"])
+    l2d = {**comp, "fit": fit.to_dict(), "human_noise": [0.3, 0.3]}  # no "diagnostics": an older eval
+    return {"guarantees": g, "sag": sag, "l2d": l2d,
+            "warnings": ["the operating point (rejection cost c = 0.05) accepts everything on test"]}
+
+
 def _build_store(root) -> tuple:
     """2 seeds: eval 'AR-GSE (balanced)' (good) + 'AR-GSE_weak' (bad), baselines with a
     baseline, an ablation and two sensitivity settings. Returns (store, up, stages, raw)."""
@@ -119,9 +143,11 @@ def _build_store(root) -> tuple:
             S, P = _refit_arrays(m, seed)
             raw[(name, seed, "refit")] = (S, P)
 
-            def fill(o, name=name, m=m, sweep=sweep, curves=curves, seed=seed, gkey=gkey, S=S, P=P):
+            extra = _extras(data, m) if (name, seed) == ("AR-GSE (balanced)", 0) else {}
+
+            def fill(o, name=name, m=m, sweep=sweep, curves=curves, seed=seed, gkey=gkey, S=S, P=P, extra=extra):
                 o.json("metrics.json", {
-                    "method": name, "seed": seed, "gate_key": gkey, "levels": LEVELS, "sweep": sweep,
+                    "method": name, "seed": seed, "gate_key": gkey, "levels": LEVELS, "sweep": sweep, **extra,
                 })  # fmt: skip
                 o.json("rc_curves.json", {v: {name: c} for v, c in curves.items()})
                 for v in ("lt", "bal"):
@@ -185,7 +211,9 @@ def report_art(tmp_path_factory):
     from argse_cli.stages import run_stage
 
     store, up, st, raw = _build_store(tmp_path_factory.mktemp("store"))
-    key, computed = run_stage("report", ReportConfig(n_boot=200), up, st, store, quiet=True)
+    cfg = ReportConfig(n_boot=200, band_boot=50, banner="smoke recipe: experts trained {expert_epochs} epochs; "
+                       "numbers are not meaningful")
+    key, computed = run_stage("report", cfg, up, st, store, quiet=True)
     assert computed
     return store.open("report", key), raw
 
@@ -408,18 +436,241 @@ def test_export_to(report_art, tmp_path):
     assert (tmp_path / "out" / "main.tex").read_text() == art.file("main.tex").read_text()
 
 
-def test_pdflatex_compiles(report_art, tmp_path):
+# ------------------------------------------------------------------------------ LaTeX
+def captions(tex: str) -> list[str]:
+    """The argument of every \\caption{...} (balanced braces)."""
+    out, i = [], 0
+    while (i := tex.find("\\caption{", i)) >= 0:
+        j, depth = i + len("\\caption{"), 1
+        while depth:
+            depth += {"{": 1, "}": -1}.get(tex[j], 0) if tex[j - 1] != "\\" else 0
+            j += 1
+        out.append(tex[i + len("\\caption{") : j - 1])
+        i = j
+    return out
+
+
+def compile_check(files: dict[str, str], folder) -> tuple[list[float], dict[str, int]]:
+    """Compile every table / figure file in the standard article class (booktabs, graphicx);
+    returns the overfull \\hbox widths (pt) and the line count of every caption, each typeset
+    alone at the text width as LaTeX sets it ("Table 1: ..."), measured with \\prevgraf."""
+    from argse_cli.report.tables import standalone_document
+
+    measure = []
+    for f, tex in files.items():
+        what = "Figure" if "\\begin{figure}" in tex else "Table"
+        for k, cap in enumerate(captions(tex)):  # (no overfull report from the measuring boxes)
+            measure.append(f"\\setbox0=\\vbox{{\\hfuzz=\\maxdimen\\hbadness=10000\\hsize=\\linewidth\\noindent "
+                           f"{what}~1: {cap}\\par\\xdef\\nlines{{\\the\\prevgraf}}}}"
+                           f"\\typeout{{CAPLINES {f}#{k}=\\nlines}}")
+    body = "\n\\clearpage\n".join(files.values()) + "\n" + "\n".join(measure)
+    (folder / "doc.tex").write_text(standalone_document(body))
+    res = subprocess.run(["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"], cwd=folder,
+                         capture_output=True, text=True, timeout=300)
+    log = (folder / "doc.log").read_text(errors="replace")
+    assert res.returncode == 0, log[-3000:]
+    over = [float(x) for x in re.findall(r"Overfull \\hbox \(([\d.]+)pt too wide\)", log)]
+    lines = {m[0]: int(m[1]) for m in re.findall(r"CAPLINES (\S+)=(\d+)", log)}
+    assert len(lines) == sum(len(captions(t)) for t in files.values())
+    return over, lines
+
+
+def report_tex(art) -> dict[str, str]:
+    return {f: art.file(f).read_text() for f in sorted(art.manifest["files"]) if f.endswith(".tex")}
+
+
+def test_every_table_compiles_without_overfull_and_captions_fit_three_lines(report_art, tmp_path):
     if shutil.which("pdflatex") is None:
-        pytest.skip("pdflatex not installed (install TeX Live with booktabs to run this check)")
+        pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
     art, _ = report_art
-    body = "\n".join(art.file(f).read_text() for f in ("main.tex", "sweep.tex", "sensitivity.tex"))
-    (tmp_path / "doc.tex").write_text(T.standalone_document(body))
-    res = subprocess.run(
-        ["pdflatex", "-interaction=nonstopmode", "-halt-on-error", "doc.tex"],
-        cwd=tmp_path,
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
-    assert res.returncode == 0, res.stdout[-3000:]
-    assert (tmp_path / "doc.pdf").stat().st_size > 1000
+    from argse_cli.stages.report import export_to
+
+    export_to(art, tmp_path)  # figures.tex includes the figures beside it
+    files = report_tex(art)
+    assert {"main.tex", "sweep.tex", "ablations.tex", "sensitivity.tex", "guarantees.tex", "sag.tex", "defer.tex",
+            "figures.tex"} <= set(files)
+    over, lines = compile_check(files, tmp_path)
+    assert not [w for w in over if w > 1.0], over
+    assert max(lines.values()) <= 3, lines
+    for f, tex in files.items():  # one style: caption above the tabular, a label, booktabs
+        if f == "figures.tex":
+            continue
+        assert tex.index("\\caption{") < tex.index("\\begin{tabular}") < tex.index("\\toprule"), f
+        assert "\\label{tab:" in tex and "\\bottomrule" in tex, f
+        assert "smoke recipe: experts trained ? epochs; numbers are not meaningful" in tex, f
+
+
+def test_main_table_ci_modes_hand_computed():
+    cols = T.default_columns([0.7])[:1]  # aurc_balanced
+    entries = {"A": {"aurc_balanced": [0.10, 0.20]}}
+    ci = {"A": {"aurc_balanced": (0.12, 0.18)}}
+    half = T.main_table(entries, cols, None, "c", "tab:x", ci=ci, ci_mode="halfwidth")
+    assert _body_rows(half) == ["A & 0.150 $\\pm$ 0.030 & 2 \\\\"]  # (0.18 - 0.12) / 2
+    col = T.main_table(entries, cols, {"aurc_balanced": "A"}, "c", "tab:x", ci=ci, ci_mode="column")
+    assert _body_rows(col) == ["A & \\textbf{0.150 $\\pm$ 0.071} & [0.120, 0.180] & 2 \\\\"]
+    assert "95\\% CI" in col and "\\multicolumn{2}{c}{AURC}" in col
+    none = T.main_table(entries, cols, None, "c", "tab:x")
+    assert _body_rows(none) == ["A & 0.150 $\\pm$ 0.071 & 2 \\\\"]
+    with pytest.raises(ValueError):
+        T.main_table(entries, cols, None, "c", "tab:x", ci_mode="halfwidth")
+
+
+def test_guarantee_rows_say_accepts_nothing_and_show_the_target():
+    from argse_cli.stages.report import guarantee_rows
+
+    test = {"unweighted": {"risk": 0.08, "coverage": 1.0}, "lt": {"risk": 0.05, "coverage": 0.5}}
+    gm = {"target": 0.1, "delta": 0.1, "epsilon": 0.2, "methods": {
+        "mondrian_conformal": {"thresholds": [0.1, 0.2], "test": test},
+        "ltt_binomial": {"threshold": None, "accepts_nothing": True,
+                         "test": {"unweighted": {"risk": 1.0, "coverage": 0.0}}},
+    }}
+    rows = guarantee_rows("AR-GSE (balanced)", gm, T)
+    assert rows[0] == "AR-GSE (balanced) & LTT (binomial) & $R \\le 0.1$ & \\multicolumn{4}{c}{accepts nothing} \\\\"
+    assert rows[1] == (" & Mondrian conformal & $P(\\mathrm{acc} \\mid \\mathrm{err}) \\le 0.2$ & 0.080 & "
+                       "1.000 (all) & 0.050 & 0.500 \\\\")
+
+
+def test_report_warnings_banner_bands(report_art):
+    from argse_cli.metrics.refit import refit_rc
+
+    art, raw = report_art
+    s = art.json("summary.json")
+    assert s["banner"] == "smoke recipe: experts trained ? epochs; numbers are not meaningful"
+    w = s["warnings"]
+    assert any("L2D: EM not converged" in x and x.startswith("AR-GSE (balanced) (eval ") for x in w), w
+    assert any("accepts everything" in x for x in w), w
+    assert s["methods"]["Chow"]["kind"] == "baseline" and s["methods"]["AR-GSE (balanced)"]["seeds"] == [0, 1]
+    rc = art.json("rc_curves.json")
+    c = rc["views"]["lt"]["AR-GSE (balanced)"]
+    data = _test_set()
+    want = np.mean([refit_rc(*raw[("AR-GSE (balanced)", sd, "refit")], data["y"], data["class_to_group"],
+                             data["w_lt"]).balanced_risk for sd in (0, 1)], axis=0)
+    np.testing.assert_allclose(c["balanced_risk"], want, atol=1e-12)  # the seed mean
+    lo, hi = np.asarray(c["band"]["balanced_risk"]["lo"]), np.asarray(c["band"]["balanced_risk"]["hi"])
+    assert np.all(lo <= hi) and np.mean((lo <= want + 1e-12) & (want <= hi + 1e-12)) > 0.9
+    assert "band" not in rc["views"]["lt"]["Chow"]  # bands: headline (AR-GSE and the plug-in baselines)
+    assert "AR-GSE\\_weak" in art.file("main.tex").read_text()
+
+
+def test_band_samples_average_to_the_bootstrapped_aurc():
+    """A band's resamples are the statistics' resamples: their mean over the grid is the AURC of
+    the same resample in bootstrap_refit (same seed), exactly."""
+    from argse_cli.metrics.rc import COVERAGE_GRID, rc_curve
+    from argse_cli.metrics.refit import bootstrap_refit
+    from argse_cli.report.bands import _point_samples, rc_band
+
+    data = _test_set(400, seed=7)
+    m = _method(data, 0.8, True, seed=3)
+    S, P = _refit_arrays(m, 1)
+    y, c2g, w = data["y"], data["class_to_group"], data["w_lt"]
+    got = np.zeros((60, Q))
+    for r0, r1, r in _point_samples(S, P, y, c2g, w, w, COVERAGE_GRID, 60, 0, 17):
+        got[r0:r1] = r["worst_risk"]
+    smp = bootstrap_refit([(S, P)], y, c2g, w, n_boot=60, seed=0, return_samples=True)[0]["samples"]
+    np.testing.assert_allclose(got.mean(axis=1), smp[:, 2], atol=1e-12)  # aurc_worst
+    sw = rc_band([(m["score"], m["pred"])], y, c2g, w, n_boot=0)  # a sweep: the rc_curve itself
+    np.testing.assert_allclose(sw["balanced_risk"]["mean"], rc_curve(m["score"], m["pred"], y, c2g, w).balanced_risk)
+    assert sw["balanced_risk"]["lo"] is None
+
+
+def _captured(monkeypatch):
+    """Capture the figures the plot functions save."""
+    from argse_cli.report import deferral_figures, figures
+
+    figs = []
+    real = figures._save
+
+    def keep(fig, stem, formats):
+        figs.append(fig)
+        return real(fig, stem, formats)
+
+    monkeypatch.setattr(figures, "_save", keep)
+    monkeypatch.setattr(deferral_figures, "_save", keep)
+    return figs
+
+
+def test_figures_distinct_styles_outside_legend_no_duplicates(tmp_path, monkeypatch):
+    from argse_cli.report import figures as F
+    from argse_cli.report.deferral_figures import plot_defer, plot_sag
+    from argse_cli.sag import sag_stream
+
+    figs = _captured(monkeypatch)
+    data = _test_set(300, seed=2)
+    c = _evaluate(data, _method(data, 0.8, True, seed=1))[1]["lt"]
+    curves = {f"Chow ({i})": c for i in range(14)}  # 14 identical curves: they overlap everywhere
+    F.plot_rc_curves(curves, "worst", "lt", tmp_path / "rc", ("png",), title="AR-GSE", banner="smoke")
+    ax = figs[-1].axes[0]
+    lines = [ln for ln in ax.get_lines() if ln.get_label().startswith("Chow")]
+    styles = {(ln.get_color(), ln.get_linestyle(), ln.get_marker()) for ln in lines}
+    assert len(lines) == 14 and len(styles) == 14
+    leg = ax.get_legend()
+    labels = [t.get_text() for t in leg.get_texts()]
+    assert len(labels) == len(set(labels)) and any(lb.startswith("dotted: coverages of the tables") for lb in labels)
+    assert leg.get_bbox_to_anchor().x0 > ax.get_window_extent().x1 - 1  # outside, right of the axes
+    assert ax.get_title() == "AR-GSE: worst-group error vs coverage, long-tailed weights (w_lt)"
+    # deferral: the operating point is not a second "L2D (EM gate)" legend entry
+    curve = {"share_kept": [0.0, 0.5, 1.0], "accuracy": [0.9, 0.8, 0.7]}
+    plot_defer({"L2D (EM gate)": curve, "AR-GSE": curve}, tmp_path / "d", ("png",),
+               points={"L2D (EM gate)": {"share_kept": 0.5, "accuracy": 0.8}})
+    labels = [t.get_text() for t in figs[-1].axes[0].get_legend().get_texts()]
+    assert len(labels) == len(set(labels)) == 3
+    # SAG: the mode is named once in the title
+    rng = np.random.default_rng(0)
+    r = sag_stream(rng.normal(size=600), rng.random(600) < 0.8, "sensitivity", 0.8, 100, 50)
+    plot_sag(r, tmp_path / "s", ("png",), title="AR-GSE (balanced)")
+    title = figs[-1].axes[0].get_title()
+    assert title.count("sensitivity") == 1 and title.startswith("AR-GSE (balanced): SAG sensitivity")
+
+
+# ------------------------------------------------------------------------------ results out
+def test_tidy_results_of_a_report(report_art, tmp_path):
+    from argse_cli.analysis import COLUMNS, export_results, plot_rc, result_records
+
+    art, _ = report_art
+    rows = result_records(art.key[:10], art.store)
+    s = art.json("summary.json")
+    t = s["tables"]["refit_lt"]
+    r = [x for x in rows if (x["method"], x["seed"], x["view"], x["protocol"], x["metric"])
+         == ("AR-GSE (balanced)", 1, "lt", "refit", "aurc_balanced")]
+    cell = t["rows"]["AR-GSE (balanced)"]["aurc_balanced"]
+    assert len(r) == 1 and r[0]["value"] == cell["values"][1] and [r[0]["ci_lo"], r[0]["ci_hi"]] == cell["ci"]
+    assert r[0]["ci_of"] == "seed mean" and r[0]["kind"] == "main" and r[0]["n_seeds"] == 2
+    # one row per method x seed x view x protocol x metric (the ablation table's repeats dropped)
+    idents = [(x["method"], x["seed"], x["view"], x["protocol"], x["metric"]) for x in rows]
+    assert len(idents) == len(set(idents))
+    main = {m for m in s["tables"]["refit_lt"]["rows"]}
+    n_metrics = len(t["columns"])
+    assert sum(1 for x in rows if x["method"] in main) == len(main) * 2 * 2 * 2 * n_metrics  # seeds, views, protocols
+    out = export_results(art.key, "csv", tmp_path / "r.csv", art.store)
+    import csv
+
+    with open(out) as fh:
+        back = list(csv.DictReader(fh))
+    assert list(back[0]) == list(COLUMNS) and len(back) == len(rows)
+    png = plot_rc(art.key, "worst", "bal", tmp_path / "rc.png", art.store)
+    assert open(png, "rb").read(8).startswith(b"\x89PNG")
+
+
+def test_results_dataframe(report_art, tmp_path):
+    pd = pytest.importorskip("pandas", reason="pandas is the optional 'results' extra")
+    import argse_cli
+
+    art, _ = report_art
+    df = argse_cli.results(art.key, art.store)
+    assert list(df.columns) == list(argse_cli.analysis.COLUMNS)
+    assert df["value"].dtype == float and df["std"].dtype == float and df["seed"].dtype == "Int64"
+    sub = df[(df.method == "Chow") & (df.view == "lt") & (df.protocol == "refit") & (df.metric == "aurc_worst")]
+    assert sorted(sub.seed.tolist()) == [0, 1]
+    csv_path = argse_cli.analysis.export_results(art.key, "csv", tmp_path / "r.csv", art.store)
+    back = pd.read_csv(csv_path)  # plain CSV: pandas reads it without options
+    assert back.shape == df.shape
+
+
+def test_results_parquet(report_art, tmp_path):
+    pd = pytest.importorskip("pandas", reason="pandas is the optional 'results' extra")
+    pytest.importorskip("pyarrow", reason="parquet needs pyarrow (the optional 'results' extra)")
+    from argse_cli.analysis import export_results, results
+
+    art, _ = report_art
+    pq = export_results(art.key, "parquet", tmp_path / "r.parquet", art.store)
+    assert pd.read_parquet(pq).shape == results(art.key, art.store).shape

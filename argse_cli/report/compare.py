@@ -73,9 +73,11 @@ def cached(fn: Callable[[], Any]) -> Callable[[], Any]:
     return get
 
 
-def pool(results: Sequence[Result], folds: Sequence[str]) -> tuple[dict[tuple[str, int], Pooled], list[str]]:
+def pool(results: Sequence[Result], folds: Sequence[str],
+         progress: Callable[[int, int, dict], None] | None = None) -> tuple[dict[tuple[str, int], Pooled], list[str]]:
     """Pool each (name, seed) over ``folds`` (their order); results missing a fold are dropped with a
-    warning. The folds' test rows must be disjoint (by source index, when recorded)."""
+    warning. The folds' test rows must be disjoint (by source index, when recorded). ``progress(i, n,
+    stats)`` is called after each (name, seed) is loaded."""
     warnings: list[str] = []
     by: dict[tuple[str, int], dict[str, Result]] = {}
     for r in results:
@@ -85,24 +87,30 @@ def pool(results: Sequence[Result], folds: Sequence[str]) -> tuple[dict[tuple[st
             continue
         d[r.fold] = r
     out: dict[tuple[str, int], Pooled] = {}
-    for key, d in by.items():
+    for i, (key, d) in enumerate(by.items(), 1):
         if set(d) != set(folds):
             warnings.append(f"{key[0]} seed {key[1]}: results for {len(d)} of {len(folds)} folds; left out")
-            continue
-        parts = [d[f] for f in folds]
-        arrs = [p.load() for p in parts]
-        refit = None
-        if all(a.get("refit") for a in arrs):
-            refit = {v: (np.concatenate([a["refit"][v][0] for a in arrs], axis=1),
-                         np.concatenate([a["refit"][v][1] for a in arrs], axis=1)) for v in VIEWS}
-        out[key] = Pooled(
-            name=key[0], seed=key[1], kind=parts[0].kind, setting=parts[0].setting,
-            y=np.concatenate([a["y"] for a in arrs]), c2g=np.asarray(arrs[0]["class_to_group"]),
-            w={v: np.concatenate([a[W_OF[v]] for a in arrs]) for v in VIEWS},
-            sweep=(np.concatenate([a["score"] for a in arrs]), np.concatenate([a["pred"] for a in arrs])),
-            refit=refit, parts=parts,
-        )  # fmt: skip
+        else:
+            out[key] = _pooled(key, [d[f] for f in folds])
+        if progress is not None:
+            progress(i, len(by), {"method": key[0], "seed": key[1]})
     return out, warnings
+
+
+def _pooled(key: tuple[str, int], parts: list[Result]) -> Pooled:
+    """One (method, seed): its folds' rows concatenated in fold order."""
+    arrs = [p.load() for p in parts]
+    refit = None
+    if all(a.get("refit") for a in arrs):
+        refit = {v: (np.concatenate([a["refit"][v][0] for a in arrs], axis=1),
+                     np.concatenate([a["refit"][v][1] for a in arrs], axis=1)) for v in VIEWS}
+    return Pooled(
+        name=key[0], seed=key[1], kind=parts[0].kind, setting=parts[0].setting,
+        y=np.concatenate([a["y"] for a in arrs]), c2g=np.asarray(arrs[0]["class_to_group"]),
+        w={v: np.concatenate([a[W_OF[v]] for a in arrs]) for v in VIEWS},
+        sweep=(np.concatenate([a["score"] for a in arrs]), np.concatenate([a["pred"] for a in arrs])),
+        refit=refit, parts=parts,
+    )  # fmt: skip
 
 
 def check_disjoint(results: Sequence[Result], folds: Sequence[str]) -> dict[str, Any]:

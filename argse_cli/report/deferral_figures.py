@@ -16,7 +16,7 @@ from typing import Any
 
 import numpy as np
 
-from .figures import _new_figure, _save
+from .figures import _banner, _new_figure, _save
 
 __all__ = ["plot_defer", "plot_sag"]
 
@@ -48,6 +48,7 @@ def plot_sag(
     *,
     roll: int = 10,
     title: str | None = None,
+    banner: str | None = None,
 ) -> list[Path]:
     """Achieved rate vs target over the stream, from :func:`argse_cli.sag.sag_stream`'s dict.
 
@@ -87,6 +88,7 @@ def plot_sag(
         f"p_rand {result.get('p_rand', 0):g}",
         fontsize=10,
     )
+    _banner(fig, banner)
     return _save(fig, path_stem, formats)
 
 
@@ -98,12 +100,14 @@ def plot_defer(
     points: Mapping[str, Mapping[str, float]] | None = None,
     view: str = "unweighted",
     title: str | None = None,
+    banner: str | None = None,
 ) -> list[Path]:
     """System accuracy vs share kept by the model, one line per method.
 
     ``curves[name]`` = ``{"share_kept": [...], "accuracy": [...]}`` (:func:`argse_cli.l2d.
     defer_curve`); ``points[name]`` = one ``{"share_kept", "accuracy"}`` operating point drawn as
-    a marker (e.g. the share the L2D gate keeps by itself).
+    a marker (e.g. the share the L2D gate keeps by itself), in the colour of the curve of the same
+    name, with its own legend entry. ``banner`` is drawn in red below the plot.
     """
     fig, axes = _new_figure((6.4, 4.6))
     ax = axes[0, 0]
@@ -115,8 +119,12 @@ def plot_defer(
             lw=1.6,
             label=name,
         )
+    names = list(curves)
     for j, (name, p) in enumerate((points or {}).items()):
-        ax.plot([p["share_kept"]], [p["accuracy"]], "o", ms=7, color=f"C{(j + 3) % 10}", label=name)
+        # the point of a drawn curve takes its colour and its own legend entry (never the curve's label)
+        col = f"C{names.index(name) % 10}" if name in names else f"C{(len(names) + j) % 10}"
+        ax.plot([p["share_kept"]], [p["accuracy"]], "o", ms=7, color=col, mec="k",
+                label=f"{name}: the gate's own deferral choice" if name in names else name)
     ax.set_xlabel("share of samples kept by the model (fraction; rest deferred to a human)")
     ax.set_ylabel(f"system accuracy (fraction, {view})")
     ax.set_xlim(0.0, 1.0)
@@ -124,4 +132,5 @@ def plot_defer(
     ax.legend(fontsize=8)
     head = f"{title}: " if title else ""
     ax.set_title(f"{head}deferral: system accuracy vs share kept", fontsize=10)
+    _banner(fig, banner)
     return _save(fig, path_stem, formats)

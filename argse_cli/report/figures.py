@@ -17,6 +17,8 @@ import numpy as np
 
 __all__ = [
     "VIEW_TITLE",
+    "guide_label",
+    "line_style",
     "plot_margin_hist",
     "plot_rc_curves",
     "plot_sensitivity",
@@ -70,12 +72,33 @@ def _save(fig: Any, path_stem: Path, formats: Sequence[str]) -> list[Path]:
     return written
 
 
+def _banner(fig: Any, banner: str | None) -> None:
+    """The report's banner (e.g. "smoke recipe: ...") in red along the bottom of the figure."""
+    if banner:
+        fig.supxlabel(banner, color="C3", fontsize=9)
+
+
 def _grid_aurc(cov: np.ndarray, risk: np.ndarray) -> float | None:
     """Mean risk over the grid 0.01..1.00 when the curve holds exactly that grid, else None."""
     grid = np.round(np.arange(1, 101) / 100, 2)
     if cov.shape == grid.shape and np.allclose(cov, grid, atol=1e-9):
         return float(np.mean(risk))
     return None
+
+
+_MARKERS = ("o", "s", "^", "v", "D", "P", "X", "*", "<", ">", "h", "p")
+
+
+def line_style(i: int) -> dict[str, Any]:
+    """Matplotlib style of the i-th line: colour, dash pattern and marker all cycle with different
+    periods (10, 4, 12), so lines that coincide stay distinguishable; markers are staggered
+    (every 10th point, offset by i) so they do not sit on top of each other."""
+    return {"color": f"C{i % 10}", "ls": _STYLES[i % len(_STYLES)], "marker": _MARKERS[i % len(_MARKERS)],
+            "markevery": (i % 10, 10), "ms": 4, "lw": 1.4}
+
+
+def guide_label(levels: Sequence[float]) -> str:
+    return "dotted: coverages of the tables (" + ", ".join(f"{100 * lv:g}%" for lv in levels) + ")"
 
 
 def plot_rc_curves(
@@ -87,37 +110,61 @@ def plot_rc_curves(
     *,
     levels: Sequence[float] = (0.7, 0.8, 0.9),
     title: str | None = None,
+    subtitle: str | None = None,
+    banner: str | None = None,
 ) -> list[Path]:
     """Risk-coverage curves of several methods overlaid (one line per method).
 
     ``curves[method]`` is an ``RCCurve.to_dict()``-style dict with ``coverage`` and the risk of
     ``kind`` (``balanced`` -> ``balanced_risk``, ``worst`` -> ``worst_risk``, ``standard`` ->
-    ``risk``). The legend shows each method's AURC (mean risk over the grid 0.01..1.00) when the
-    curve holds that grid; dotted verticals mark the coverage ``levels``.
+    ``risk``), optionally ``band[<risk>] = {"lo": [...], "hi": [...]}``: a pointwise bootstrap
+    band drawn shaded (:mod:`argse_cli.report.bands`). The legend (outside the axes, right) shows
+    each method's AURC (mean risk over the grid 0.01..1.00) when the curve holds that grid; dotted
+    verticals mark the coverage ``levels`` (explained in the legend). Every line has its own
+    colour / dash / marker (:func:`line_style`). ``banner`` is drawn in red below the plot.
     """
     if kind not in _KIND:
         raise ValueError(f"kind must be one of {sorted(_KIND)}, got {kind!r}")
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
     field, ylabel, name = _KIND[kind]
-    fig, axes = _new_figure((6.4, 4.6))
+    fig, axes = _new_figure((8.6, 4.6))
     ax = axes[0, 0]
     for lv in levels:
-        ax.axvline(lv, color="0.8", lw=0.8, ls=":", zorder=0)
+        ax.axvline(lv, color="0.6", lw=0.8, ls=":", zorder=0)
+    banded = False
     for i, (method, c) in enumerate(curves.items()):
         cov = np.asarray(c["coverage"], dtype=np.float64)
         risk = np.asarray(c[field], dtype=np.float64)
         a = _grid_aurc(cov, risk)
         label = method if a is None else f"{method} (AURC {a:.3f})"
-        ax.plot(
-            cov, risk, ls=_STYLES[(i // 10) % len(_STYLES)], color=f"C{i % 10}", lw=1.6, label=label
-        )
+        st = line_style(i)
+        band = (c.get("band") or {}).get(field)
+        if band is not None:
+            ax.fill_between(np.asarray(band.get("coverage", cov), dtype=np.float64),
+                            np.asarray(band["lo"], dtype=np.float64), np.asarray(band["hi"], dtype=np.float64),
+                            color=st["color"], alpha=0.15, lw=0, zorder=1)
+            banded = True
+        ax.plot(cov, risk, label=label, zorder=2, **st)
     ax.set_xlabel("coverage (fraction of test weight accepted)")
     ax.set_ylabel(ylabel)
     ax.set_xlim(0.0, 1.0)
-    ax.set_ylim(bottom=0.0)
+    lo, hi = ax.get_ylim()  # the data's range (not forced down to 0), inside [0, 1]
+    ax.set_ylim(max(0.0, lo), min(1.02, hi))
     ax.grid(True, alpha=0.3)
-    ax.legend(fontsize=8, loc="upper left", frameon=True)
+    handles, labels = ax.get_legend_handles_labels()
+    if levels:
+        handles.append(Line2D([], [], color="0.6", lw=0.8, ls=":"))
+        labels.append(guide_label(levels))
+    if banded:
+        handles.append(Patch(color="0.5", alpha=0.3, lw=0))
+        labels.append("shaded: 95% pointwise bootstrap band")
+    ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     head = f"{title}: " if title else ""
-    ax.set_title(f"{head}{name} vs coverage, {_view_title(view)}", fontsize=10)
+    tail = f" ({subtitle})" if subtitle else ""
+    ax.set_title(f"{head}{name.lower() if head else name} vs coverage{tail}, {_view_title(view)}", fontsize=10)
+    _banner(fig, banner)
     return _save(fig, path_stem, formats)
 
 
@@ -131,6 +178,7 @@ def plot_margin_hist(
     view: str = "lt",
     bins: int = 60,
     title: str | None = None,
+    banner: str | None = None,
 ) -> list[Path]:
     """Histogram of the plug-in margin m(x) per group (head / tail); accept iff m(x) >= 0.
 
@@ -176,6 +224,7 @@ def plot_margin_hist(
     ax.legend(fontsize=8)
     head = f"{title}: " if title else ""
     ax.set_title(f"{head}test margin per group, {_view_title(view)}", fontsize=10)
+    _banner(fig, banner)
     return _save(fig, path_stem, formats)
 
 
@@ -266,6 +315,8 @@ def plot_training(
     formats: Sequence[str] = ("pdf", "png"),
     *,
     chosen_epoch: int | None = None,
+    title: str | None = None,
+    banner: str | None = None,
 ) -> list[Path]:
     """Gate training per epoch: the training loss and the epoch-selection criterion on val_small
     (the NLL or the soft selective risk); the selective recipe's alpha_k are added when recorded."""
@@ -292,7 +343,8 @@ def plot_training(
     for ax in axes:
         ax.set_xlabel("epoch")
         ax.grid(True, alpha=0.3)
-    fig.suptitle("gate training", fontsize=11)
+    fig.suptitle(f"{title}: gate training" if title else "gate training", fontsize=11)
+    _banner(fig, banner)
     return _save(fig, path_stem, formats)
 
 

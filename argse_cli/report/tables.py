@@ -1,9 +1,16 @@
-"""LaTeX (booktabs) tables for the report: mean +- std over seeds, bold by a paired bootstrap test.
+"""LaTeX (booktabs) tables for the report, all in one style (:func:`table_env`).
 
-Conventions shared by every table:
+Style shared by every table: ``table`` float, caption ABOVE (at most 3 lines), ``\\label``,
+booktabs rules, the tabular shrunk to the line width only when it is wider (never enlarged), the
+conventions in a table note below it (``\\footnotesize``), and an optional banner line (e.g. a
+smoke-recipe warning) under the caption.
 
-- A cell is ``mean $\\pm$ std`` over seeds, ``std`` with ``ddof = 1``; a single seed shows the
-  mean alone; a missing value shows ``--``.
+Cells (:func:`main_table`):
+
+- ``ci_mode="halfwidth"``: ``mean $\\pm$ h`` with h the half-width of the 95% bootstrap CI of the
+  seed mean; ``"column"``: ``mean $\\pm$ std`` plus a ``95% CI`` column ``[lo, hi]`` after each
+  AURC column; ``"none"``: ``mean $\\pm$ std``. ``std`` is over seeds with ``ddof = 1``; a single
+  seed shows the mean alone; a missing value shows ``--``.
 - AURC = mean of the selective risk over the weighted-coverage grid 0.01, 0.02, ..., 1.00
   (:data:`argse_cli.metrics.AURC_CONVENTION`).
 - Bold rule (decided by the report stage, :mod:`argse_cli.report.compare`): in each column the
@@ -24,16 +31,22 @@ from typing import Any
 __all__ = [
     "AURC_SENTENCE",
     "BOLD_RULE",
+    "CI_MODES",
     "Column",
     "VIEW_PHRASE",
     "default_columns",
+    "fmt_ci",
+    "fmt_halfwidth",
     "fmt_mean_std",
     "latex_escape",
     "main_table",
     "mean_std",
     "sensitivity_table",
     "standalone_document",
+    "table_env",
 ]
+
+CI_MODES = ("halfwidth", "column", "none")
 
 VIEW_PHRASE = {
     "lt": r"long-tailed weights ($w_{\mathrm{lt}}$)",
@@ -129,6 +142,23 @@ def fmt_mean_std(values: Sequence[float] | None, digits: int = 3) -> str:
     return f"{m:.{digits}f} $\\pm$ {s:.{digits}f}"
 
 
+def fmt_halfwidth(mean: float | None, ci: Sequence[float] | None, digits: int = 3) -> str:
+    """``"0.123 $\\pm$ 0.010"`` with 0.010 = (hi - lo) / 2 of the CI; no CI: the mean; none: ``--``."""
+    if mean is None or not math.isfinite(float(mean)):
+        return "--"
+    if ci is None or any(v is None or not math.isfinite(float(v)) for v in ci):
+        return f"{float(mean):.{digits}f}"
+    h = (float(ci[1]) - float(ci[0])) / 2
+    return f"{float(mean):.{digits}f} $\\pm$ {h:.{digits}f}"
+
+
+def fmt_ci(ci: Sequence[float] | None, digits: int = 3) -> str:
+    """``"[0.101, 0.130]"``; none: ``--``."""
+    if ci is None or any(v is None or not math.isfinite(float(v)) for v in ci):
+        return "--"
+    return f"[{float(ci[0]):.{digits}f}, {float(ci[1]):.{digits}f}]"
+
+
 def _header_rows(columns: Sequence[Column], lead: Sequence[str], extra: Sequence[str]) -> list[str]:
     """Spanning header row (+ cmidrules) and the column header row.
 
@@ -162,6 +192,49 @@ def _n_seeds(cols: Mapping[str, Sequence[float]]) -> int:
     return max((len(_clean(v)) for v in cols.values()), default=0)
 
 
+def table_env(spec: str, head: Sequence[str], body: Sequence[str], caption: str, label: str, *,
+              note: str | None = None, banner: str | None = None) -> str:
+    """The one table style: caption above, label, booktabs, shrink-to-fit, note below.
+
+    ``head`` / ``body``: LaTeX rows (``\\midrule`` lines allowed in ``body``); ``caption``, ``note``
+    and ``banner`` are LaTeX already (escape plain text with :func:`latex_escape`). The tabular is
+    scaled down to ``\\linewidth`` only when it is wider (``\\resizebox`` with ``\\ifdim``).
+    """
+    lines = [
+        r"% requires \usepackage{booktabs} and \usepackage{graphicx}",
+        r"\begin{table}[t]",
+        r"\centering",
+        f"\\caption{{{caption}}}",
+        f"\\label{{{label}}}",
+    ]
+    if banner:
+        lines.append(f"{{\\small\\bfseries {banner}\\par}}\\smallskip")
+    lines += [
+        r"\resizebox{\ifdim\width>\linewidth\linewidth\else\width\fi}{!}{%",
+        f"\\begin{{tabular}}{{{spec}}}",
+        r"\toprule",
+        *head,
+        r"\midrule",
+        *body,
+        r"\bottomrule",
+        r"\end{tabular}}",
+    ]
+    if note:
+        lines.append(f"\\par\\smallskip{{\\footnotesize\\raggedright {note}\\par}}")
+    lines += [r"\end{table}", ""]
+    return "\n".join(lines)
+
+
+def _with_ci_columns(columns: Sequence[Column]) -> list[Column]:
+    """Each AURC column followed by its ``95% CI`` column (key ``<key>#ci``), same group."""
+    out: list[Column] = []
+    for c in columns:
+        out.append(c)
+        if c.key.startswith("aurc"):
+            out.append(Column(f"{c.key}#ci", r"95\% CI", c.group, None))
+    return out
+
+
 def main_table(
     entries: Mapping[str, Mapping[str, Sequence[float]]],
     columns: Sequence[Column],
@@ -172,51 +245,57 @@ def main_table(
     sections: Sequence[Sequence[str]] | None = None,
     seeds_column: bool = True,
     digits: int = 3,
+    ci: Mapping[str, Mapping[str, Sequence[float]]] | None = None,
+    ci_mode: str = "none",
+    note: str | None = None,
+    banner: str | None = None,
 ) -> str:
     """A booktabs ``table``: one row per method (``entries[method][column.key]`` = values over seeds).
 
-    Cells are :func:`fmt_mean_std`; a cell is ``\\textbf`` only where ``bold[column.key]`` names
-    that method. ``sections`` (lists of method names) are separated by ``\\midrule``; by default
-    one section in ``entries`` order. Method names are LaTeX-escaped; ``caption`` is LaTeX
-    already (escape plain text with :func:`latex_escape`).
+    Cells: ``ci_mode`` ``"none"`` -> :func:`fmt_mean_std`; ``"halfwidth"`` -> :func:`fmt_halfwidth`
+    of the seed mean and ``ci[method][column.key] = (lo, hi)``; ``"column"`` -> mean +- std and a
+    CI column after each AURC column. A value cell is ``\\textbf`` only where ``bold[column.key]``
+    names that method. ``sections`` (lists of method names) are separated by ``\\midrule``; by
+    default one section in ``entries`` order. Method names are LaTeX-escaped; ``caption``,
+    ``note`` and ``banner`` are LaTeX already.
     """
+    if ci_mode not in CI_MODES:
+        raise ValueError(f"ci_mode must be one of {CI_MODES}, got {ci_mode!r}")
+    if ci_mode != "none" and ci is None:
+        raise ValueError(f"ci_mode={ci_mode!r} needs ci")
     bold = bold or {}
+    ci = ci or {}
     if sections is None:
         sections = [list(entries)]
+    cols = _with_ci_columns(columns) if ci_mode == "column" else list(columns)
     extra = ["seeds"] if seeds_column else []
-    spec = "l" + "c" * len(columns) + "r" * len(extra)
-    lines = [
-        r"% requires \usepackage{booktabs} and \usepackage{graphicx}",
-        r"\begin{table}[t]",
-        r"\centering",
-        f"\\caption{{{caption}}}",
-        f"\\label{{{label}}}",
-        r"\resizebox{\textwidth}{!}{%",
-        f"\\begin{{tabular}}{{{spec}}}",
-        r"\toprule",
-        *_header_rows(columns, ["Method"], extra),
-        r"\midrule",
-    ]
+    spec = "l" + "c" * len(cols) + "r" * len(extra)
+    body: list[str] = []
     first = True
     for sec in sections:
         rows = [m for m in sec if m in entries]
         if not rows:
             continue
         if not first:
-            lines.append(r"\midrule")
+            body.append(r"\midrule")
         first = False
         for m in rows:
             cells = [latex_escape(m)]
-            for c in columns:
-                txt = fmt_mean_std(entries[m].get(c.key), digits)
+            for c in cols:
+                if c.key.endswith("#ci"):
+                    cells.append(fmt_ci(ci.get(m, {}).get(c.key[:-3]), digits))
+                    continue
+                if ci_mode == "halfwidth":
+                    txt = fmt_halfwidth(mean_std(entries[m].get(c.key))[0], ci.get(m, {}).get(c.key), digits)
+                else:
+                    txt = fmt_mean_std(entries[m].get(c.key), digits)
                 if bold.get(c.key) == m and txt != "--":
                     txt = f"\\textbf{{{txt}}}"
                 cells.append(txt)
             if seeds_column:
                 cells.append(str(_n_seeds(entries[m])))
-            lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}", ""]
-    return "\n".join(lines)
+            body.append(" & ".join(cells) + r" \\")
+    return table_env(spec, _header_rows(cols, ["Method"], extra), body, caption, label, note=note, banner=banner)
 
 
 def sensitivity_table(
@@ -226,6 +305,8 @@ def sensitivity_table(
     label: str,
     *,
     digits: int = 3,
+    note: str | None = None,
+    banner: str | None = None,
 ) -> str:
     """Booktabs table of a sensitivity study: one row per (method, setting), no bold.
 
@@ -233,25 +314,14 @@ def sensitivity_table(
     rows of one method are grouped (``\\midrule`` between methods) in order of appearance.
     """
     spec = "ll" + "c" * len(columns) + "r"
-    lines = [
-        r"% requires \usepackage{booktabs} and \usepackage{graphicx}",
-        r"\begin{table}[t]",
-        r"\centering",
-        f"\\caption{{{caption}}}",
-        f"\\label{{{label}}}",
-        r"\resizebox{\textwidth}{!}{%",
-        f"\\begin{{tabular}}{{{spec}}}",
-        r"\toprule",
-    ]
-    head = _header_rows(columns, ["Method", "Setting"], ["seeds"])
-    lines += [*head, r"\midrule"]
     methods: list[str] = []
     for r in rows:
         if r["method"] not in methods:
             methods.append(r["method"])
+    body: list[str] = []
     for i, m in enumerate(methods):
         if i:
-            lines.append(r"\midrule")
+            body.append(r"\midrule")
         for r in rows:
             if r["method"] != m:
                 continue
@@ -259,13 +329,14 @@ def sensitivity_table(
             cells = [latex_escape(m), latex_escape(r.get("setting") or "--")]
             cells += [fmt_mean_std(vals.get(c.key), digits) for c in columns]
             cells.append(str(_n_seeds(vals)))
-            lines.append(" & ".join(cells) + r" \\")
-    lines += [r"\bottomrule", r"\end{tabular}}", r"\end{table}", ""]
-    return "\n".join(lines)
+            body.append(" & ".join(cells) + r" \\")
+    head = _header_rows(columns, ["Method", "Setting"], ["seeds"])
+    return table_env(spec, head, body, caption, label, note=note, banner=banner)
 
 
 def standalone_document(body: str) -> str:
-    """A minimal compilable LaTeX document around ``body`` (booktabs, graphicx)."""
+    """A minimal compilable LaTeX document around ``body``: the standard ``article`` class with
+    booktabs and graphicx (what every table and ``figures.tex`` need)."""
     return "\n".join(
         [
             r"\documentclass{article}",

@@ -61,6 +61,8 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     results: list[dict] = []
     curves_out: dict[str, dict] = {v: {} for v in VIEWS}
     rec = _Recorder(cfg, out, progress, t, c2g, weights, results, curves_out)
+    # one progress step per method: Chow and CS-plug-in per expert, DE-Chow, SB-PI, U-PI, Plug-in[Worst], gates
+    rec.total = 2 * E + 4 + len(_variants(cfg, gate_art, exp, losses, 0)) * len(cfg.seeds)
 
     def plugin(name: str, eta: dict, *, worst: bool = False, group: str = "baseline", seed: Any = None,
                setting: str | None = None, extra: dict | None = None) -> dict:
@@ -110,6 +112,12 @@ class _Recorder:
     def __init__(self, cfg, out, progress, test, c2g, weights, results, curves_out):
         self.cfg, self.out, self.progress, self.t, self.c2g = cfg, out, progress, test, c2g
         self.weights, self.results, self.curves_out = weights, results, curves_out
+        self.done, self.total = 0, 1
+
+    def _step(self, name: str, lt: dict, protocol: str) -> None:
+        self.done += 1
+        self.progress.log(f"{name:34s} balanced AURC {lt['balanced']:.4f}  worst AURC {lt['worst']:.4f} ({protocol}, lt)")
+        self.progress(self.done, max(self.total, self.done), {"method": name})
 
     def _entries(self, name: str, group: str, seed: Any, slug: str, entry: dict) -> None:
         # A deterministic baseline (seed None) does not depend on the gate seed: it is listed once
@@ -135,8 +143,7 @@ class _Recorder:
         slug = slugify(name)
         sweep = self._sweep(slug, score, pred)
         self._entries(name, "baseline", None, slug, {"setting": None, "sweep": sweep, "refit": None})
-        lt = sweep["views"]["lt"]["aurc"]
-        self.progress.log(f"{name:34s} balanced AURC {lt['balanced']:.4f}  worst AURC {lt['worst']:.4f} (sweep, lt)")
+        self._step(name, sweep["views"]["lt"]["aurc"], "sweep")
 
     def plugin(self, name: str, curves: dict, eta_test: Any, *, group: str = "baseline", seed: Any = None,
                setting: str | None = None, extra: dict | None = None) -> None:
@@ -157,8 +164,7 @@ class _Recorder:
                for v, c in curves.items()}
         self._entries(name, group, seed, slug, {"setting": setting, "refit": refit, "sweep": sweep, "fit": fit,
                                                 "operating_coverage": q, **(extra or {})})
-        lt = refit["views"]["lt"]["aurc"]
-        self.progress.log(f"{name:34s} balanced AURC {lt['balanced']:.4f}  worst AURC {lt['worst']:.4f} (refit, lt)")
+        self._step(name, refit["views"]["lt"]["aurc"], "refit")
 
 
 def _variants(cfg: Any, gate_art: Any, exp: Any, losses: list[str], best: int) -> list[tuple]:

@@ -5,7 +5,8 @@ validation data (tuneV / val_small) by the one core, read on test at their cover
 (:mod:`argse_cli.evaluation`). Secondary: the sweep view of the operating-point rule.
 
 Outputs: ``metrics.json`` (``refit`` and ``sweep``, each per view with AURCs, errors at the levels
-and bootstrap CIs; the AURC convention stated), ``rc_curve.csv``, ``rc_curves.json``, figures,
+and bootstrap CIs; the AURC convention stated), ``rc_curve.csv`` (plain CSV; its provenance in
+``rc_curve.csv.json``), ``rc_curves.json``, figures,
 and the test arrays for paired comparisons in `report`: ``refit/<view>/score`` [Q, N],
 ``refit/<view>/pred`` [Q, N], ``test/score`` (the operating point's margin), ``test/pred``,
 labels, weights and source indices. Nothing here is fitted on test labels.
@@ -16,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "eval"
-VERSION = 4
+VERSION = 5
 
 
 def method_name(gate_cfg: dict) -> str:
@@ -55,9 +56,20 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     progress.log(f"eval: {len(score)} test rows; refit curves (100 coverages x {len(VIEWS)} views), "
                  f"{cfg.n_boot} bootstrap resamples")
     scored = score_curves(gr.curves, eta, t, c2g)
-    refit = refit_metrics(scored, t, c2g, levels=cfg.levels, n_boot=cfg.n_boot, seed=cfg.seed)
-    sweep, curves = evaluate_scores(score, pred, t["y"], c2g, weights, levels=cfg.levels, n_boot=cfg.n_boot,
-                                    seed=cfg.seed, probs=eta)
+    # one view at a time (same numbers as all views in one call): a progress step per view and protocol
+    progress.phase(f"metrics + bootstrap ({cfg.n_boot} resamples)")
+    n_steps, refit, sweep, curves = 2 * len(VIEWS), None, None, {}
+    for i, v in enumerate(VIEWS, 1):
+        r = refit_metrics({v: scored[v]}, t, c2g, levels=cfg.levels, n_boot=cfg.n_boot, seed=cfg.seed)
+        refit = r if refit is None else {**refit, "views": {**refit["views"], **r["views"]}}
+        progress(i, n_steps, {"protocol": "refit", "view": v})
+    for i, v in enumerate(VIEWS, len(VIEWS) + 1):
+        sw, cv = evaluate_scores(score, pred, t["y"], c2g, {v: weights[v]}, levels=cfg.levels, n_boot=cfg.n_boot,
+                                 seed=cfg.seed, probs=eta)
+        sweep = sw if sweep is None else {**sweep, "views": {**sweep["views"], **sw["views"]}}
+        curves.update(cv)
+        progress(i, n_steps, {"protocol": "sweep", "view": v})
+    progress.phase(None)
     gcfg = gate_art.config
     name = method_name(gcfg)
     metrics = {
@@ -66,9 +78,19 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
                                                             "cost": gr.meta.get("cost"), "view": gr.meta.get("view")},
     }
     metrics.update(_extras(cfg, gr, data, c2g, score, pred, eta, out, progress))
+    _operating_point_warnings(metrics["operating_point"], sweep, progress)
+    metrics["warnings"] = list(progress.warnings)
     out.json("metrics.json", metrics)
     out.json("rc_curves.json", {v: {name: c.to_dict()} for v, c in curves.items()})
     _write_csv(out.file_path("rc_curve.csv"), {v: refit["views"][v]["curve"] for v in VIEWS})
+    out.json("rc_curve.csv.json", {  # provenance sidecar: the CSV itself is plain (pandas.read_csv reads it)
+        "file": "rc_curve.csv", "method": name, "gate_key": gate_art.key, "protocol": "refit",
+        "description": refit["protocol"], "aurc_convention": refit["aurc_convention"],
+        "columns": {"view": "lt = long-tailed weights w_lt, bal = balanced weights w_bal",
+                    "coverage": "target coverage of the refitted rule (grid 0.01..1.00)",
+                    "risk": "selective risk", "balanced_risk": "mean of the group errors e_k",
+                    "worst_risk": "max of the group errors e_k",
+                    "e_k": "error among accepted samples of group k (1.0 when the group has none)"}})
     for v, (S, P) in scored.items():
         out.array(f"refit/{v}/score", S)
         out.array(f"refit/{v}/pred", P.astype(np.int32))
@@ -80,11 +102,12 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     if "test/source_index" in exp.manifest.get("arrays", {}):
         out.array("test/source_index", exp.array("test/source_index"))
     out.array("class_to_group", c2g)
-    _figures(out, name, refit, curves, score, t["group"], gate_art.json("history.json"))
+    _figures(out, name, refit, curves, score, t["group"], gate_art.json("history.json"), scored, pred, t, c2g, cfg,
+             progress)
     lt = refit["views"]["lt"]
     out.meta.update(
         method=name, aurc_balanced_lt=lt["aurc"]["balanced"], aurc_worst_lt=lt["aurc"]["worst"],
-        coverage_at_margin_0=sweep["views"]["lt"]["at_margin_0"]["coverage"],
+        coverage_at_margin_0=sweep["views"]["lt"]["at_margin_0"]["coverage"], warnings=list(progress.warnings),
     )
     progress.log(f"{name}: refit view, long-tailed weights: balanced AURC {lt['aurc']['balanced']:.4f}, "
                  f"worst AURC {lt['aurc']['worst']:.4f}")
@@ -118,7 +141,7 @@ def _extras(cfg: Any, res: Any, data: dict, c2g: Any, score: Any, pred: Any, eta
         plot_sag(r, out.file_path("sag.png").with_suffix(""))
     if cfg.l2d:
         from ..core.gate import build_gating_features
-        from ..l2d import deferral_comparison, em_defer, simulate_humans
+        from ..l2d import deferral_comparison, em_defer, em_diagnostics, simulate_humans
         from ..report.deferral_figures import plot_defer
 
         C = len(c2g)
@@ -130,13 +153,25 @@ def _extras(cfg: Any, res: Any, data: dict, c2g: Any, score: Any, pred: Any, eta
         gp = fit.gate.predict(build_gating_features(t["post"]))
         comp = deferral_comparison(gp, eta, m_test, t["y"], score, pred)
         ll = np.asarray(fit.loglik)
+        diag = em_diagnostics(fit.loglik, fit.eps, cfg.human_noise)
+        for w in diag["warnings"]:
+            progress.warn(w)
         extra["l2d"] = {**comp, "fit": fit.to_dict(), "human_noise": list(cfg.human_noise),
-                        "loglik_monotone": bool(np.all(np.diff(ll) >= -1e-9)),
+                        "loglik_monotone": bool(np.all(np.diff(ll) >= -1e-9)), "diagnostics": diag,
                         "note": "EM fitted on calib, curves on test; humans simulated as noisy label copies"}
         out.file_path("defer.pdf")
         plot_defer({"L2D (EM gate)": comp["l2d"], "AR-GSE rejection as deferral": comp["argse"]},
                    out.file_path("defer.png").with_suffix(""), points={"L2D (EM gate)": comp["l2d_operating_point"]})
     return extra
+
+
+def _operating_point_warnings(op: dict, sweep: dict, progress: Any) -> None:
+    """Say so when the operating point accepts everything or nothing on test (long-tailed view)."""
+    cov = sweep["views"]["lt"]["at_margin_0"]["coverage"]
+    what = "everything" if cov >= 1 - 1e-12 else "nothing" if cov <= 1e-12 else None
+    if what:
+        progress.warn(f"the operating point (rejection cost c = {op.get('cost')}) accepts {what} on test "
+                      f"(coverage {cov:.3f}, long-tailed weights); the refit view's curves are unaffected")
 
 
 def _write_csv(path: Any, curves: dict) -> None:
@@ -153,20 +188,45 @@ def _write_csv(path: Any, curves: dict) -> None:
     path.write_text("\n".join(lines) + "\n")
 
 
-def _figures(out: Any, name: str, refit: dict, sweep_curves: dict, score: Any, group: Any, history: dict) -> None:
+BAND_BOOT = 200
+"""Bootstrap resamples of the figures' pointwise bands (at most ``n_boot``)."""
+
+
+def _figures(out: Any, name: str, refit: dict, sweep_curves: dict, score: Any, group: Any, history: dict,
+             scored: dict, pred: Any, t: dict, c2g: Any, cfg: Any, progress: Any) -> None:
+    """RC figures (refit and sweep curves with their pointwise bootstrap bands, also stored in
+    ``rc_bands.json`` for ``argse plot``), the margin histogram and the gate's training curves."""
+    from ..evaluation import WEIGHT_OF_VIEW
+    from ..report.bands import rc_band
     from ..report.figures import plot_margin_hist, plot_rc_curves, plot_training
 
     def stem(n: str) -> Any:
         out.file_path(f"{n}.pdf")
         return out.file_path(f"{n}.png").with_suffix("")
 
+    nb = min(BAND_BOOT, cfg.n_boot)
+    bands: dict[str, dict] = {}
+    if nb:
+        progress.phase(f"RC bands ({nb} resamples)")
+        for i, v in enumerate(sweep_curves, 1):
+            w = t[WEIGHT_OF_VIEW[v]]
+            bands[v] = {}
+            for protocol, arrs in (("refit", scored[v]), ("sweep", (score, pred))):
+                b = rc_band([arrs], t["y"], c2g, w, n_boot=nb, seed=cfg.seed)
+                bands[v][protocol] = {k: {"coverage": b[k]["coverage"], "lo": b[k]["lo"], "hi": b[k]["hi"]} for k in b}
+            progress(i, len(sweep_curves), {"view": v})
+        progress.phase(None)
+        out.json("rc_bands.json", {**bands, "n_boot": nb, "seed": cfg.seed,
+                                   "note": "95% pointwise percentile bands over class-stratified bootstrap "
+                                           "resamples of the test rows"})
     for kind in ("balanced", "worst"):
         for v, c in sweep_curves.items():
-            plot_rc_curves({f"{name} (refit)": refit["views"][v]["curve"], f"{name} (sweep)": c.to_dict()},
-                           kind, v, stem(f"rc_{kind}_{v}"))
-    plot_margin_hist(score, group, stem("margin_hist"))
+            curves = {f"{name} (refit)": {**refit["views"][v]["curve"], "band": bands.get(v, {}).get("refit")},
+                      f"{name} (sweep)": {**c.to_dict(), "band": bands.get(v, {}).get("sweep")}}
+            plot_rc_curves(curves, kind, v, stem(f"rc_{kind}_{v}"), levels=cfg.levels, subtitle="refit and sweep views")
+    plot_margin_hist(score, group, stem("margin_hist"), title=name)
     if history.get("epoch"):
-        plot_training(history, stem("trajectories"))
+        plot_training(history, stem("trajectories"), title=name)
 
 
 def summary(meta: dict) -> str:
