@@ -885,37 +885,54 @@ def ls(
     store: StoreOpt = None,
     stage: Annotated[str | None, typer.Option(help="only this stage")] = None,
     all_: Annotated[bool, typer.Option("--all", "-a", help="also incomplete / unreadable folders, pending (resumable) and temp dirs, marked")] = False,
+    as_json: Annotated[bool, typer.Option("--json", help="one JSON document (a list of artifacts) instead of the table")] = False,
 ) -> None:
-    """Table of complete artifacts: stage, key, created, short config summary (--all: everything, marked)."""
-    from rich.console import Console
-    from rich.table import Table
-
+    """Table of complete artifacts: stage, key, created, the stage's own summary (--all: everything, marked)."""
     from .store import Store
 
     s = Store(store)
-    t = Table("stage", "key", "created", "summary", *(["state"] if all_ else []))
-    hidden = 0
+    rows, hidden = [], 0
     for e in s.entries():
         if stage and e.stage != stage:
             continue
         if e.artifact is not None:
             a = e.artifact
-            row = [a.stage, a.key[:16], a.manifest.get("created", ""), _summary(a)]
-            t.add_row(*row, *(["complete"] if all_ else []))
+            rows.append({"stage": a.stage, "key": a.key, "created": a.manifest.get("created", ""),
+                         "summary": _summary(a), "state": "complete"})
         elif all_:
-            t.add_row(e.stage, e.key[:16], "", "", _state_label(e))
+            rows.append({"stage": e.stage, "key": e.key, "created": "", "summary": "", "state": _state_label(e)})
         elif e.state in ("incomplete", "unreadable"):
             hidden += 1
-    Console().print(t)
+    if as_json:
+        print(json.dumps(rows, indent=2))
+    else:
+        from rich.console import Console
+        from rich.table import Table
+
+        t = Table("stage", "key", "created", "summary", *(["state"] if all_ else []))
+        for r in rows:
+            t.add_row(r["stage"], r["key"][:16], r["created"], r["summary"], *([r["state"]] if all_ else []))
+        Console().print(t)
     if hidden:
         print(f"note: {hidden} incomplete or unreadable artifact folder(s) not listed: "
               "`argse ls --all` shows them, `argse verify` says why", file=sys.stderr)  # fmt: skip
 
 
+_LS_FIELDS = {"train-expert": ("loss", "depth", "epochs", "shared_backbone"), "train-gate": ("beta", "seed", "gate_loss", "uniform_gate", "experts"),
+              "split": ("dataset", "imbalance_factor", "seed", "protocol"), "calibrate": ("view", "posterior")}
+
+
 def _summary(a) -> str:
-    skip = {"seed"} if a.stage == "report" else set()
-    items = [f"{k}={v}" for k, v in sorted(a.config.items()) if k not in skip and not isinstance(v, (dict, list))]
-    return ", ".join(items)[:90]
+    """The stage's own ``summary(meta)`` (its results) after the config fields that tell its artifacts apart."""
+    from .stages import get_stage
+
+    fields = [f"{k}={a.config[k]}" for k in _LS_FIELDS.get(a.stage, ()) if a.config.get(k) not in (None, False)]
+    try:
+        mod = get_stage(a.stage)
+        own = mod.summary(a.meta) if hasattr(mod, "summary") else ""
+    except Exception:  # noqa: BLE001 - a summary never breaks the listing
+        own = ""
+    return " ".join([*fields, own]).strip()[:110]
 
 
 @app.command()
@@ -925,7 +942,7 @@ def show(
     store: StoreOpt = None,
     follow: Annotated[bool, typer.Option("--follow", "-f", help="print the metrics log as it grows (KEY may be a pending key's prefix) until the artifact is published")] = False,
 ) -> None:
-    """Manifest of one artifact plus its arrays and shapes (--follow: its metrics log)."""
+    """Manifest of one artifact, its arrays and shapes, its files folder and its figures (--follow: its metrics log)."""
     from rich.console import Console
 
     from .store import Store
@@ -946,6 +963,12 @@ def show(
     con.print_json(json.dumps(m))
     for name, info in arrays.items():
         con.print(f"  {name}: {info['dtype']} {tuple(info['shape'])} chunk_rows={info['chunk_rows']}")
+    files = sorted(a.manifest.get("files", {}))
+    if files:
+        print(f"files: {a.path / 'files'}")
+        figs = [f for f in files if f.endswith((".png", ".pdf"))]
+        if figs:
+            print("figures: " + ", ".join(figs))
 
 
 @app.command()

@@ -149,9 +149,13 @@ def test_apply_summary_says_when_everything_is_accepted(tmp_path):
 
 
 # ------------------------------------------------------------------- report --latest / --all
-def _publish(store, stage, key, config, upstream, stages, meta=None):
-    with store.writer(stage, key, config=config, upstream=upstream, upstream_stages=stages, version=1) as o:
+def _publish(store, stage, config, upstream, stages, meta=None, version=1) -> str:
+    from argse_cli.store import compute_key
+
+    key = compute_key(stage, version, config, upstream)  # writers must be given their config's key
+    with store.writer(stage, key, config=config, upstream=upstream, upstream_stages=stages, version=version) as o:
         o.meta.update(meta or {})
+    return key
 
 
 def test_report_inputs_from_the_pipeline_file(tmp_path):
@@ -165,26 +169,32 @@ def test_report_inputs_from_the_pipeline_file(tmp_path):
     E, Cal, other = "e" * 32, "c" * 32, "f" * 32
     ecfg, bcfg = EvalConfig().key_payload(), BaselinesConfig().key_payload()
 
+    keys: dict[int, str] = {}
+
     def k(i):
-        return f"{i:032x}"
+        return keys[i]
 
     gates = {1: ("balanced", 42, E), 2: ("worst", 42, E), 3: ("balanced", 43, E), 4: ("balanced", 42, other)}
     for i, (beta, seed, exp) in gates.items():
-        _publish(store, "train-gate", k(i), {"beta": beta, "seed": seed}, {"export": exp, "calibrate": Cal},
-                 {"export": "export-logits", "calibrate": "calibrate"})
+        keys[i] = _publish(store, "train-gate", {"beta": beta, "seed": seed}, {"export": exp, "calibrate": Cal},
+                           {"export": "export-logits", "calibrate": "calibrate"})
     # evals 100-102 of the pipeline; 103: a gate on other logits; 104: another eval config
     for i, (g, cfg) in enumerate([(1, ecfg), (2, ecfg), (3, ecfg), (4, ecfg), (1, {**ecfg, "n_boot": 7})], start=100):
-        _publish(store, "eval", k(i), cfg, {"gate": k(g)}, {"gate": "train-gate"})
-    _publish(store, "baselines", k(200), bcfg, {"export": E, "calibrate": Cal, "gate": k(1)},
-             {"export": "export-logits", "calibrate": "calibrate", "gate": "train-gate"})
+        keys[i] = _publish(store, "eval", cfg, {"gate": k(g)}, {"gate": "train-gate"})
+    keys[200] = _publish(store, "baselines", bcfg, {"export": E, "calibrate": Cal, "gate": k(1)},
+                         {"export": "export-logits", "calibrate": "calibrate", "gate": "train-gate"})
     p = Pipeline({}, store)
     p.export_ref = lambda: ("export-logits", E)
     p.calibrate_key = lambda: Cal
-    assert pipeline_inputs(p, latest=True) == ([k(100), k(101), k(102)], [k(200)])
-    assert pipeline_inputs(p, latest=False) == ([k(100), k(101), k(102)], [k(200)])
+    def got(latest):
+        ev, ba = pipeline_inputs(p, latest=latest)
+        return sorted(ev), ba
+
+    assert got(True) == (sorted([k(100), k(101), k(102)]), [k(200)])
+    assert got(False) == (sorted([k(100), k(101), k(102)]), [k(200)])
     # a newer eval of gate 1's method and seed (e.g. after a stage version bump)
-    _publish(store, "eval", k(105), ecfg, {"gate": k(1)}, {"gate": "train-gate"})
-    assert pipeline_inputs(p, latest=True)[0] == [k(101), k(102), k(105)]
+    keys[105] = _publish(store, "eval", ecfg, {"gate": k(1)}, {"gate": "train-gate"}, version=2)
+    assert got(True)[0] == sorted([k(101), k(102), k(105)])
     with pytest.raises(ArgseError, match="2 evals of AR-GSE \\(balanced\\) seed 42"):
         pipeline_inputs(p, latest=False)
     p.calibrate_key = lambda: "d" * 32

@@ -299,15 +299,18 @@ def test_ls_show_verify_gc(populated, tmp_path):
     bad_root = tmp_path / "bad"
     shutil.copytree(root, bad_root)
     (bad_root / "split" / key / "data.zarr" / "test" / "labels" / "c" / "0").unlink()
-    ls, show, verify, gc, bad_key, bad = run_many([
+    ls, ls_json, show, verify, gc, bad_key, bad = run_many([
         (["ls"], env),
+        (["ls", "--json", "--stage", "split"], env),
         (["show", key[:12]], env),
         (["verify"], env),
         (["gc"], env),
         (["show", "zz"], env),
         (["verify", key[:12]], {**env, "ARGSE_STORE": str(bad_root)}),
     ])  # fmt: skip
-    assert ls.returncode == 0 and key[:16] in ls.stdout
+    assert ls.returncode == 0 and key[:16] in ls.stdout and "dataset=cifar10" in ls.stdout
+    (row,) = json.loads(ls_json.stdout)
+    assert row["key"] == key and row["stage"] == "split" and row["state"] == "complete"
     assert show.returncode == 0, show.stderr
     assert key in show.stdout and "class_counts" in show.stdout and "train/indices" in show.stdout
     assert verify.returncode == 0 and f"OK   split {key}" in verify.stdout

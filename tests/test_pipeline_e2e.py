@@ -102,6 +102,8 @@ def test_pipeline_end_to_end_then_all_cached(env):
 
     rep = store.open("report", _report_key(store))
     assert "main.tex" in rep.manifest["files"]
+    shown = _run(runner, env_vars, "show", rep.key[:12])
+    assert f"files: {rep.path / 'files'}" in shown and "rc_balanced_lt.png" in shown.split("figures:")[1]
     assert json.loads(rep.file("summary.json").read_text())
 
 
