@@ -142,6 +142,10 @@ def train_expert(
     set_: SetOpt = None,
     loss: Annotated[list[str] | None, typer.Option(help="ce | balsoftmax | logitadjust:TAU | decoupled (repeatable) [default set]")] = None,
     depth: Annotated[int | None, typer.Option(help="ResNet depth 8|20|32|44|56 [32]")] = None,
+    width: Annotated[int | None, typer.Option(help="ResNet channel multiplier [1]")] = None,
+    shared_backbone: Annotated[bool | None, typer.Option(
+        "--shared-backbone/--independent",
+        help="one backbone with one head per loss (BalPoE style) / independent experts [independent]")] = None,
     epochs: Annotated[int | None, typer.Option(help="[200]")] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help="[128]")] = None,
     lr: Annotated[float | None, typer.Option(help="lr per batch of 128 [0.1]")] = None,
@@ -156,26 +160,20 @@ def train_expert(
     print_key: PrintKeyOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train experts (one cached artifact per loss) on the split's long-tailed train set."""
+    """Train experts on the split's long-tailed train set: one cached artifact per loss, or with
+    --shared-backbone one artifact holding the backbone and a head per loss (+ the cRT head's)."""
     from .pipeline import parse_set
     from .stages import run_stage
 
     p = _pipeline(config, store, dry=print_config or print_key)
     over = parse_set(set_)
-    _update_given(over, depth=depth, epochs=epochs, batch_size=batch_size, lr=lr, aug=aug, device=device,
-                precision=precision, compile=compile_, seed=seed)
+    _update_given(over, depth=depth, width=width, shared_backbone=shared_backbone, epochs=epochs,
+                  batch_size=batch_size, lr=lr, aug=aug, device=device, precision=precision,
+                  compile=compile_, seed=seed)  # fmt: skip
     if loss:
         over["losses"] = loss
     p.override("train-expert", over)
-    losses = p.expert_losses()
-    if "decoupled" in losses and "ce" not in losses:
-        losses = ["ce", *losses]  # cRT re-uses the ce backbone
-    for l in losses:
-        cfg = p.config("train-expert", loss=l)
-        up, st = p.expert_upstream(l)
-        from .stages import key_of
-
-        key = key_of("train-expert", cfg, up)
+    for cfg, up, st, key in p.expert_runs():
         if _emit("train-expert", cfg, key, print_config, print_key):
             continue
         run_stage("train-expert", cfg, up, st, p.store, force=force, quiet=quiet)
