@@ -11,6 +11,12 @@ key first, the rename fails and the finished artifact counts as a cache hit.
 Array checksums are xxh3_128 over the *decoded* C-order bytes (whole array and per row-chunk),
 so a missing chunk (Zarr would silently return the fill value) or a corrupted one is detected.
 Zarr is imported lazily: a cache hit never imports it.
+
+Resumable writers (``Store.writer(..., resumable=True)``) work in ``<root>/<stage>/.pending-<key>/``
+instead: one directory per (stage, key) that survives a SIGKILL and is reused by the next writer
+of the key (writers of a key are serialised by :meth:`Store.lock`). Only ``scratch/`` (checkpoints,
+never published) and ``metrics.jsonl`` (the metrics log, published as a checksummed side file)
+carry over to the next run; everything else in a stale pending dir is discarded when it starts.
 """
 
 from __future__ import annotations
@@ -18,6 +24,7 @@ from __future__ import annotations
 import contextlib
 import fcntl
 import json
+import math
 import os
 import re
 import shutil
@@ -38,6 +45,10 @@ MARKER = "COMPLETE"
 MANIFEST = "manifest.json"
 DATA = "data.zarr"
 FILES = "files"
+METRICS = "metrics.jsonl"  # the metrics log (Writer.log_metrics), published as a side file
+SCRATCH = "scratch"  # Writer.scratch(): never published
+PENDING_PREFIX = ".pending-"  # <stage>/.pending-<key>: a resumable writer's working dir
+TRASH_PREFIX = ".trash-"  # <stage>/.trash-<key>-<rand>: on its way out (removed by gc)
 _NAME_RE = re.compile(r"^[A-Za-z0-9_.\-]+(/[A-Za-z0-9_.\-]+)*$")
 _KEY_RE = re.compile(r"^[0-9a-f]{4,32}$")
 _STAGE_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_\-]*$")  # one path component, never "." / ".."
@@ -114,6 +125,48 @@ def _fsync_dir(path: Path) -> None:
             os.close(fd)
 
 
+def _finite(obj: Any) -> Any:
+    """JSON-ready copy of ``obj``: numpy / torch scalars as Python numbers, non-finite floats as
+    None (null), tuples as lists."""
+    if isinstance(obj, dict):
+        return {str(k): _finite(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_finite(v) for v in obj]
+    if isinstance(obj, (str, bool, int)) or obj is None:
+        return obj
+    if isinstance(obj, float):
+        return obj if math.isfinite(obj) else None
+    item = getattr(obj, "item", None)  # numpy / torch scalars and 0-d arrays
+    if callable(item):
+        with contextlib.suppress(Exception):
+            return _finite(item())
+    tolist = getattr(obj, "tolist", None)
+    if callable(tolist):
+        with contextlib.suppress(Exception):
+            return _finite(tolist())
+    return str(obj)
+
+
+def _trim_partial_line(path: Path) -> None:
+    """Cut a last line that a kill left half-written (the log holds whole JSON lines only)."""
+    try:
+        with open(path, "rb+") as fh:
+            data = fh.read()
+            if data and not data.endswith(b"\n"):
+                fh.truncate(data.rfind(b"\n") + 1)
+    except OSError:
+        pass
+
+
+def _rm(path: Path) -> None:
+    """Remove a file, link or directory tree (never following a link)."""
+    if path.is_dir() and not path.is_symlink():
+        shutil.rmtree(path, ignore_errors=True)
+    else:
+        with contextlib.suppress(OSError):
+            path.unlink()
+
+
 class _Hasher:
     """Whole-array and per-row-chunk xxh3_128 over decoded C-order bytes."""
 
@@ -170,15 +223,48 @@ class RowWriter:
 class Writer:
     """Fills a temp artifact directory; :meth:`Store.writer` publishes it."""
 
-    def __init__(self, tmp: Path):
+    def __init__(self, tmp: Path, *, resumable: bool = False, resumed: bool = False):
         self.tmp = tmp
+        #: ``<root>/<stage>/.pending-<key>/`` of a resumable writer (None otherwise)
+        self.pending: Path | None = tmp if resumable else None
+        #: True when this run found state left by an earlier, interrupted run of the same key
+        self.resumed = resumed
+        #: live path of the metrics log (:meth:`log_metrics`); published as ``metrics.jsonl``
+        self.metrics_path = tmp / METRICS
         self.meta: dict[str, Any] = {}
         self._arrays: dict[str, dict] = {}
         self._hashers: dict[str, _Hasher] = {}
         self._row_writers: list[RowWriter] = []
         self._files: dict[str, str] = {}
         self._group = None
+        self._metrics_fh: Any = None
         self.published = False
+
+    def scratch(self, name: str) -> Path:
+        """A path under ``<temp or pending dir>/scratch/`` (parent dirs created) for state such
+        as checkpoints: never published, removed when the artifact is published. In a resumable
+        writer it survives a kill and is found again by the next writer of the same key."""
+        safe_name(name, "scratch")
+        p = self.tmp / SCRATCH / name
+        p.parent.mkdir(parents=True, exist_ok=True)
+        return p
+
+    def log_metrics(self, row: dict) -> None:
+        """Append ``row`` as one JSON line to :attr:`metrics_path`, flushed at once (readable while
+        the stage runs: ``argse show --follow KEY``). Non-finite floats are written as null."""
+        if not isinstance(row, dict):
+            raise TypeError(f"log_metrics takes a dict, not {type(row).__name__}")
+        line = json.dumps(_finite(row), allow_nan=False, ensure_ascii=False)
+        if self._metrics_fh is None:
+            self._metrics_fh = open(self.metrics_path, "a", encoding="utf-8")  # noqa: SIM115
+        self._metrics_fh.write(line + "\n")
+        self._metrics_fh.flush()
+
+    def _close_metrics(self) -> None:
+        if self._metrics_fh is not None:
+            with contextlib.suppress(OSError):
+                self._metrics_fh.close()
+            self._metrics_fh = None
 
     def _zgroup(self, name: str):
         import zarr
@@ -250,6 +336,15 @@ class Writer:
     def finalize(self) -> dict:
         for rw in self._row_writers:
             rw.close()
+        self._close_metrics()
+        if self.metrics_path.is_file():  # the metrics log becomes the side file metrics.jsonl
+            if METRICS in self._files:
+                raise IntegrityError(
+                    METRICS, "written both by log_metrics and as a side file", "use one of them"
+                )
+            (self.tmp / FILES).mkdir(exist_ok=True)
+            os.replace(self.metrics_path, self.tmp / FILES / METRICS)
+            self._files[METRICS] = ""
         arrays = {}
         for name, info in self._arrays.items():
             h = self._hashers[name]
@@ -540,26 +635,82 @@ class Store:
             fcntl.flock(fh, fcntl.LOCK_UN)
             fh.close()
 
+    def pending_dir(self, stage: str, key: str) -> Path:
+        """``<root>/<stage>/.pending-<key>``: the working dir of a resumable writer of the key."""
+        d = self.dir(stage, key)
+        return d.parent / f"{PENDING_PREFIX}{key}"
+
+    def _start_pending(self, pending: Path) -> tuple[bool, dict]:
+        """Create or take over the pending dir; returns (resumed, the earlier writer's info).
+
+        A stale pending dir keeps ``scratch/`` and ``metrics.jsonl`` (a half-written last line
+        is cut); everything else (partial arrays, side files, manifest, marker) is discarded.
+        """
+        if pending.is_symlink() or (pending.exists() and not pending.is_dir()):
+            pending.unlink()  # never follow a crafted link out of the store
+        if not pending.is_dir():
+            pending.mkdir(parents=True)
+            return False, {}
+        prev: dict = {}
+        with contextlib.suppress(OSError, ValueError):
+            prev = json.loads((pending / "writer.json").read_text())
+        if not isinstance(prev, dict):
+            prev = {}
+        published_log = pending / FILES / METRICS  # a kill between finalize and the rename
+        if published_log.is_file() and not (pending / METRICS).exists():
+            os.replace(published_log, pending / METRICS)
+        for child in pending.iterdir():
+            if child.name == SCRATCH and child.is_dir() and not child.is_symlink():
+                continue
+            if child.name == METRICS and child.is_file() and not child.is_symlink():
+                continue
+            if child.is_dir() and not child.is_symlink():
+                shutil.rmtree(child)
+            else:
+                child.unlink()
+        _trim_partial_line(pending / METRICS)
+        return True, prev
+
     @contextlib.contextmanager
     def writer(
         self, stage: str, key: str, *, config: dict, upstream: dict, upstream_stages: dict,
-        version: int, extra: dict | None = None, replace: bool = False,
+        version: int, extra: dict | None = None, replace: bool = False, resumable: bool = False,
     ) -> Iterator[Writer]:
         """Write into a temp dir; on success publish atomically; on error remove the temp dir.
 
         After the block, ``writer.published`` is True if this process published the artifact,
         False if another process had already published it (a cache hit).
+
+        ``resumable=True``: the writer works in :meth:`pending_dir` (the caller holds
+        :meth:`lock` for the key). A SIGKILLed run leaves it behind; the next writer of the key
+        (also with ``replace=True``) finds ``scratch/`` and ``metrics.jsonl`` there, sets
+        ``writer.resumed`` and logs ``{"event": "resumed", ...}``. If the block raises, the
+        pending dir is kept when ``scratch/`` holds a file (resumable state), else removed.
+        Publishing removes it (the pending dir itself is renamed to ``<key>``).
         """
+        _check_stage(stage)
         base = self.root / stage
         base.mkdir(parents=True, exist_ok=True)
-        # the host tag in the name lets gc attribute a temp dir whose writer was killed before
-        # writer.json was written (a shared store may be used from several hosts)
-        tmp = base / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}-h{_host_tag()}"
-        tmp.mkdir(parents=True)  # parents: the stage dir may have been pruned meanwhile
+        if resumable:
+            tmp = self.pending_dir(stage, key)
+            resumed, prev = self._start_pending(tmp)
+        else:
+            # the host tag in the name lets gc attribute a temp dir whose writer was killed
+            # before writer.json was written (a shared store may be used from several hosts)
+            tmp = base / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}-h{_host_tag()}"
+            tmp.mkdir(parents=True)  # parents: the stage dir may have been pruned meanwhile
+            resumed, prev = False, {}
+        started = time.time()
         (tmp / "writer.json").write_text(
-            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": time.time()})
+            json.dumps({"pid": os.getpid(), "host": socket.gethostname(), "started": started,
+                        "resumable": resumable})  # fmt: skip
         )
-        w = Writer(tmp)
+        w = Writer(tmp, resumable=resumable, resumed=resumed)
+        if resumed:
+            w.log_metrics({
+                "event": "resumed", "time": started, "pid": os.getpid(),
+                "previous_pid": prev.get("pid"), "previous_started": prev.get("started"),
+            })  # fmt: skip
         t0 = time.time()
         try:
             yield w
@@ -588,6 +739,11 @@ class Store:
                 fh.flush()
                 os.fsync(fh.fileno())
             _fsync_dir(tmp)
+            # scratch is never published: moved out (atomically) just before the rename
+            trash = None
+            if (tmp / SCRATCH).exists():
+                trash = base / f"{TRASH_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
+                os.rename(tmp / SCRATCH, trash)
             final = self.dir(stage, key)
             try:
                 if replace and final.exists():
@@ -605,9 +761,14 @@ class Store:
                     raise
                 w.published = False  # a concurrent finisher won: a cache hit
                 shutil.rmtree(tmp, ignore_errors=True)
+            if trash is not None:
+                shutil.rmtree(trash, ignore_errors=True)
             _fsync_dir(base)
         except BaseException:
-            shutil.rmtree(tmp, ignore_errors=True)
+            w._close_metrics()
+            keep = resumable and any(p.is_file() for p in (tmp / SCRATCH).rglob("*"))
+            if not keep:
+                shutil.rmtree(tmp, ignore_errors=True)
             raise
 
     def new_dirs(self, stage: str) -> list[Path]:
@@ -722,6 +883,10 @@ class Store:
             removed.append(str(old))
             if not dry_run:
                 shutil.rmtree(old, ignore_errors=True)
+        for trash in sorted(self.root.glob(f"*/{TRASH_PREFIX}*")):
+            removed.append(str(trash))  # already invisible (renamed out): only the deletion is left
+            if not dry_run:
+                _rm(trash)
         for path in sorted(self.root.glob("*/.locks/*.lock")):
             try:
                 fh = open(path, "a+")  # noqa: SIM115 - closed below
