@@ -17,19 +17,23 @@ artifact) is a new linear head re-trained with class-balanced sampling on the fr
 backbone, stored as an ordinary single-head model.
 
 Every model stored is the final epoch; nothing is selected on test (its accuracy is report-only).
-Resume: with a resumable store writer the trainer checkpoints into the pending artifact every
-``checkpoint_every`` epochs and a rerun after a kill continues from the last checkpoint
-(bit-equal final weights on CPU); one metrics row per epoch goes to the pending artifact's
-``metrics.jsonl`` (published with it), whose path is printed at start.
+Resume (``RESUMABLE``): the store writer works in the key's pending dir, which survives a kill;
+the trainer checkpoints into its ``scratch/checkpoint/`` every ``checkpoint_every`` epochs (and
+after the last) and a rerun of the key continues from the last checkpoint, saying so in one line
+(bit-equal final weights on CPU). One metrics row per epoch (see :mod:`argse_cli.experts.loop`)
+goes to the pending dir's ``metrics.jsonl`` (readable while it runs, published with the
+artifact), whose path is printed at start. A diverged run deletes its checkpoint.
 """
 
 from __future__ import annotations
 
+import shutil
 import sys
 from typing import Any
 
 STAGE = "train-expert"
 VERSION = 5
+RESUMABLE = True  # the writer keeps its pending dir across a kill: checkpoints + metrics log
 CODE = (
     "stages/train_expert.py", "experts/trainer.py", "experts/loop.py", "experts/shared.py",
     "experts/fused.py", "experts/losses.py", "experts/augment.py", "nn/resnet.py",
@@ -54,11 +58,12 @@ def split_arrays(split_art: Any, name: str, images: Any) -> tuple[Any, Any]:
 
 
 def _checkpoint(cfg: Any, out: Any, progress: Any) -> Any:
-    """The trainer's checkpoint in the pending artifact (None when the writer is not resumable
-    or checkpoint_every = 0); prints the metrics log's path."""
+    """The trainer's checkpoint in the pending artifact's scratch dir (saved every
+    ``checkpoint_every`` epochs; 0 = never) and its metrics log (``out.log_metrics``); prints the
+    log's path. None when the writer is not resumable."""
     from ..experts.loop import DirCheckpoint
 
-    if not cfg.checkpoint_every or not hasattr(out, "scratch"):
+    if getattr(out, "pending", None) is None:
         return None
     progress.log(f"metrics log: {out.metrics_path}")
     return DirCheckpoint(out.scratch("checkpoint"), cfg.checkpoint_every, log=out.log_metrics,
@@ -122,8 +127,12 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     progress.log(f"train-expert {what}: {len(y)} images, ResNet-{cfg.depth}{width}, {recipe.epochs} epochs, {cfg.device}")
     ckpt = _checkpoint(cfg, out, progress)
 
+    resumed_at: list[int] = []
+
     def resumed(epoch: int, epochs: int) -> None:  # printed even with --quiet
-        print(f"train-expert: resuming from the checkpoint after epoch {epoch}/{epochs}", file=sys.stderr, flush=True)
+        resumed_at.append(epoch)
+        print(f"train-expert: resuming from the checkpoint after epoch {epoch}/{epochs} "
+              f"({ckpt.path if ckpt is not None else ''})", file=sys.stderr, flush=True)  # fmt: skip
 
     def prog(i: int, n: int, rec: dict) -> None:  # the per-head lists stay in the metrics log
         progress(i, n, {k: v for k, v in rec.items() if not isinstance(v, list | tuple)})
@@ -140,7 +149,12 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
                 checkpoint=ckpt, on_resume=resumed,
             )  # fmt: skip
     except TrainingDiverged as e:
+        if ckpt is not None:  # a rerun of this key would diverge again: keep no checkpoint
+            shutil.rmtree(ckpt.dir, ignore_errors=True)
         raise ArgseError("train_expert.lr", str(e), "lower --lr; nothing was published") from None
+    if ckpt is not None and out.resumed and not resumed_at:
+        print("train-expert: an interrupted run left no usable checkpoint; trained from the start",
+              file=sys.stderr, flush=True)  # fmt: skip
     blob = state_dict_to_safetensors_bytes(model.cpu())
     out.file_path("model.safetensors").write_bytes(blob)
     out.json("history.json", history)
