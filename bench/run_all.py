@@ -61,6 +61,10 @@ BENCHES: list[tuple[str, list[str], bool, str]] = [
                    "--experts", "2", "--n-train", "2000", "--synthetic"], False,
      "fused (vmap) vs sequential training of 2 ResNet-8 experts on CPU, synthetic learnable "
      "data (informative: the acceptance speedup is a GPU figure)"),
+    ("shared_cpu", ["bench/bench_shared.py", "--device", "cpu", "--depth", "8", "--epochs", "3"], False,
+     "shared-backbone experts (one ResNet-8, 4 heads: ce, balsoftmax, logitadjust:2, logitadjust:0.5) "
+     "vs 4 sequential models on CIFAR-10-LT IF=100 (12406 images), 3 epochs: expert-img/s ratio "
+     "(goal >= 2.5) and each head's class-balanced accuracy shortfall (goal <= 2 points)"),
     ("trainer_gpu", ["bench/bench_trainer.py", "--device", "cuda", "--depth", "32", "--epochs",
                      "10", "--n-train", "12406"], True,
      "trainer vs DataLoader reference on CUDA (ResNet-32, CIFAR-10-LT IF=100)"),
@@ -68,6 +72,9 @@ BENCHES: list[tuple[str, list[str], bool, str]] = [
                    "--experts", "3", "--n-train", "12406", "--precision", "bf16"], True,
      "fused vs sequential, 3 ResNet-32 experts x 200 epochs on CIFAR-10-LT IF=100 (also the "
      "one-expert 200-epoch wall time)"),
+    ("shared_gpu", ["bench/bench_shared.py", "--device", "cuda", "--depth", "32", "--epochs", "30",
+                    "--precision", "bf16"], True,
+     "shared-backbone (4 heads) vs 4 sequential ResNet-32 experts on CUDA, CIFAR-10-LT IF=100, 30 epochs"),
 ]  # fmt: skip
 
 
