@@ -65,7 +65,7 @@ def main() -> None:
     ap.add_argument("--n-test", type=int, default=2000)
     ap.add_argument("--batch-size", type=int, default=128)
     ap.add_argument("--precision", default="fp32", choices=("fp32", "bf16"))
-    ap.add_argument("--backbone-grad", default="mean", choices=("mean", "sum"))
+    ap.add_argument("--backbone-grad", default="sum", choices=("sum", "mean"))
     ap.add_argument("--threads", type=int, default=0)
     ap.add_argument("--data-dir", default="/tmp/argse_bench_cifar10")
     ap.add_argument("--synthetic", action="store_true")

@@ -114,9 +114,10 @@ def test_heads_losses_one_backbone_pass_and_learning(monkeypatch):
         assert acc > 0.8, (SPECS[e], acc)  # chance = 1/3
 
 
-def test_head_gradient_is_its_own_loss_and_backbone_gets_the_mean():
-    """After one SGD step from the same init, head e moved exactly as a model trained on L_e alone
-    would move its head (lr * grad of L_e), and the backbone's gradient is (1/E) sum_e dL_e."""
+@pytest.mark.parametrize("backbone_grad", ["sum", "mean"])
+def test_head_gradient_is_its_own_loss_and_backbone_gets_the_sum_or_mean(backbone_grad):
+    """Head e's gradient is exactly dL_e/dW_e (the gradient a model trained on L_e alone gets for its
+    head); the backbone's is sum_e dL_e/dtheta ("sum") or (1/E) sum_e dL_e/dtheta ("mean")."""
     torch.manual_seed(0)
     C, E = 3, 3
     m = cifar_resnet(8, C, num_heads=E)
@@ -126,7 +127,7 @@ def test_head_gradient_is_its_own_loss_and_backbone_gets_the_mean():
     taus = torch.tensor([0.0, 1.0, 2.0])
     from argse_cli.experts.fused import logit_adjusted_ce_stacked
 
-    f = grad_scale(m.features(x), 1 / E)
+    f = grad_scale(m.features(x), 1 / E if backbone_grad == "mean" else 1.0)
     L = logit_adjusted_ce_stacked(m.fc(f).transpose(0, 1), y, log_pi, taus)
     L.sum().backward()
     g_head = m.fc.weight.grad.clone()
@@ -138,7 +139,8 @@ def test_head_gradient_is_its_own_loss_and_backbone_gets_the_mean():
         torch.testing.assert_close(g_head[e], m.fc.weight.grad[e])
         assert torch.count_nonzero(m.fc.weight.grad[[i for i in range(E) if i != e]]) == 0
     m.zero_grad()
-    logit_adjusted_ce_stacked(m(x).transpose(0, 1), y, log_pi, taus).mean().backward()
+    L = logit_adjusted_ce_stacked(m(x).transpose(0, 1), y, log_pi, taus)
+    (L.mean() if backbone_grad == "mean" else L.sum()).backward()
     torch.testing.assert_close(g_conv, m.conv1.weight.grad, rtol=1e-4, atol=1e-6)
 
 
