@@ -18,7 +18,8 @@ them to ``--out`` when given):
   batch / wall s) of the shared run; reference = the sequential runs; ratio = the speedup
   (goal >= 2.5 for E = 4 on CPU). The shared run sits between the sequential ones (a drifting
   load on a shared machine hits both); ``ratio_median_epoch`` = the same ratio from the median
-  per-epoch rates (robust to a load spike).
+  per-epoch rates (robust to a load spike); ``ratio_cpu_time`` = sequential / shared process CPU
+  seconds (CPU only; the least load-sensitive of the three with ``--threads 1``).
 - ``shared_acc_shortfall_E{E}_resnet{d}_{ep}ep``: max over experts of (class-balanced accuracy of
   the independent model - that of the shared head), reference 0.02 (the "within 2 points" goal:
   ``pass`` when the shared heads are at most 2 points worse); per-expert accuracies and the max
@@ -106,28 +107,29 @@ def main() -> None:
     train_experts_shared(xtr[:256], ytr[:256], specs, warm, log_pi, backbone_grad=a.backbone_grad)
     # shared run in the middle of the sequential ones: slow drifts of a shared machine's load
     # hit both sides alike; per-epoch img/s medians are reported next to the wall-time ratio
-    seq_acc, seq_times, seq_epoch_rates = [], [], []
+    seq_acc, seq_times, seq_epoch_rates, seq_cpu = [], [], [], []
     half = len(specs) // 2
     for i, s in enumerate(specs):
         if i == half:
             _sync(a.device)
-            t0 = time.perf_counter()
+            t0, c0 = time.perf_counter(), time.process_time()
             hist: list = []
             shared = train_experts_shared(
                 xtr, ytr, specs, recipe, log_pi, histories=hist, backbone_grad=a.backbone_grad
             )
             _sync(a.device)
-            t_shared = time.perf_counter() - t0
+            t_shared, cpu_shared = time.perf_counter() - t0, time.process_time() - c0
             shared_epoch_rates = [len(specs) * r["img_per_s"] for r in hist[0]]
             lg = predict_logits(shared, xte, device=a.device)  # [N, E, C]
             shared_acc = [acc(lg[:, e]) for e in range(len(specs))]
             print(f"[shared] {len(specs)} heads: {t_shared:.1f} s, bal acc "
                   f"{[round(v, 4) for v in shared_acc]}", file=sys.stderr)  # fmt: skip
         _sync(a.device)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         m, h = train_expert(xtr, ytr, s, recipe, log_pi)
         _sync(a.device)
         seq_times.append(time.perf_counter() - t0)
+        seq_cpu.append(time.process_time() - c0)
         seq_epoch_rates += [r["img_per_s"] for r in h]
         seq_acc.append(acc(predict_logits(m, xte, device=a.device)))
         print(f"[sequential] {s}: {seq_times[-1]:.1f} s, bal acc {seq_acc[-1]:.4f}", file=sys.stderr)
@@ -147,7 +149,8 @@ def main() -> None:
          "reference": round(seq_rate, 2), "ratio": round(shared_rate / seq_rate, 4),
          "goal_ratio": 2.5, "shared_s": round(t_shared, 2), "sequential_s": round(sum(seq_times), 2),
          "ratio_median_epoch": round(
-             float(np.median(shared_epoch_rates) / np.median(seq_epoch_rates)), 4)},
+             float(np.median(shared_epoch_rates) / np.median(seq_epoch_rates)), 4),
+         "ratio_cpu_time": round(sum(seq_cpu) / cpu_shared, 4) if a.device == "cpu" else None},
         {"name": f"shared_acc_shortfall_{tag}_{a.epochs}ep", "value": round(shortfall, 4),
          "unit": "fraction", "reference": 0.02, "ratio": round(shortfall / 0.02, 4),
          "pass": bool(shortfall <= 0.02), "max_abs_gap": round(gap, 4),
