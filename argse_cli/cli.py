@@ -323,6 +323,10 @@ def train_expert(
         f"expert loss, repeatable: {LOSSES} (TAU a number, e.g. logitadjust:2)",
         default="ce, balsoftmax, logitadjust:2, decoupled"))] = None,
     depth: Annotated[Depth | None, typer.Option(help=H("ResNet depth", "train-expert", "depth"))] = None,
+    width: Annotated[int | None, typer.Option(help=H("ResNet channel multiplier", "train-expert", "width"))] = None,
+    shared_backbone: Annotated[bool | None, typer.Option("--shared-backbone/--independent", help=H(
+        "one backbone with a head per loss (BalPoE style) / independent experts", "train-expert",
+        "shared_backbone"))] = None,
     epochs: Annotated[int | None, typer.Option(help=H("training epochs", "train-expert", "epochs"))] = None,
     batch_size: Annotated[int | None, typer.Option("--batch-size", help=H("batch size", "train-expert",
                                                                           "batch_size"))] = None,
@@ -343,31 +347,27 @@ def train_expert(
     print_key: PrintKeyOpt = False,
     quiet: QuietOpt = False,
 ) -> None:
-    """Train experts (one cached artifact per loss) on the split's long-tailed train set.
+    """Train experts on the split's long-tailed train set: one cached artifact per loss, or with
+    --shared-backbone one artifact holding the backbone and a head per loss (+ the cRT head's).
 
     --print-config prints one JSON document listing every expert; --print-key one key per line."""
-    from .stages import key_of, run_stage
+    from .stages import run_stage
 
     p = _pipeline(config, store, dry=print_config or print_key)
     over = _sets(p, "train-expert", set_)
-    _update_given(over, depth=int(depth.value) if depth is not None else None, epochs=epochs,
-                  batch_size=batch_size, lr=lr, aug=aug, device=device, precision=precision, compile=compile_,
-                  seed=seed)
+    _update_given(over, depth=int(depth.value) if depth is not None else None, width=width,
+                  shared_backbone=shared_backbone, epochs=epochs, batch_size=batch_size, lr=lr, aug=aug,
+                  device=device, precision=precision, compile=compile_, seed=seed)  # fmt: skip
     if loss:
         over["losses"] = loss
     p.override("train-expert", over)
-    losses = p.expert_losses()
-    if "decoupled" in losses and "ce" not in losses:
-        losses = ["ce", *losses]  # cRT re-uses the ce backbone
     docs = []
-    for l in losses:
-        cfg = p.config("train-expert", loss=l)
-        up, st = p.expert_upstream(l)
-        key = key_of("train-expert", cfg, up)
+    for cfg, up, st, key in p.expert_runs():
         if print_key:
             print(key)
         elif print_config:
-            docs.append({"loss": l, "key": key, "config": cfg.model_dump(mode="json")})
+            docs.append({"loss": cfg.loss, "heads": cfg.heads, "key": key,
+                         "config": cfg.model_dump(mode="json")})
         else:
             run_stage("train-expert", cfg, up, st, p.store, force=force, quiet=quiet)
     if print_config and not print_key:

@@ -188,10 +188,31 @@ class SplitConfig(StageConfig):
 
 
 class TrainExpertConfig(StageConfig):
-    """`argse train-expert`: one expert (loss) on the split's LT train set."""
+    """`argse train-expert`: one expert (loss) on the split's LT train set -- or, with
+    ``shared_backbone``, one backbone with one linear head per loss (BalPoE style).
 
-    loss: str = Field("ce", description="ce | balsoftmax | logitadjust:TAU | decoupled")
+    Independent experts (default, the paper's): one artifact per loss; ``decoupled`` (cRT) re-trains
+    the classifier of the ``ce`` expert with class-balanced sampling on its frozen backbone.
+    Shared backbone: ONE artifact (``loss = "shared"``, ``heads`` = the non-cRT losses in the
+    pipeline's ``losses`` order, set by the pipeline) holds the backbone and every head, trained
+    with the summed per-head losses, one forward pass per batch; ``decoupled`` is then a new head
+    re-trained with class-balanced sampling on that frozen shared backbone (its own artifact).
+    Either way export-logits writes one expert per head / model.
+    """
+
+    loss: str = Field(
+        "ce",
+        description="ce | balsoftmax | logitadjust:TAU | decoupled; shared = the shared-backbone "
+        "artifact of `heads` (set by the pipeline when shared_backbone is true)",
+    )
+    shared_backbone: bool = Field(
+        False, description="one backbone + one linear head per loss (BalPoE style) instead of independent experts"
+    )
+    heads: tuple[str, ...] | None = Field(
+        None, description="losses of the jointly trained heads (loss = shared only; set by the pipeline)"
+    )
     depth: Literal[8, 20, 32, 44, 56] = 32
+    width: int = Field(1, ge=1, le=8, description="channel multiplier of the ResNet ({16, 32, 64} x width)")
     epochs: int = Field(200, ge=1)
     batch_size: int = Field(128, ge=1)
     lr: float = Field(0.1, gt=0, description="learning rate per batch of 128 (scaled linearly)")
@@ -206,13 +227,51 @@ class TrainExpertConfig(StageConfig):
     compile: bool = False
     seed: int = Field(0, ge=0, lt=SEED_MAX)
     workers: int = Field(0, ge=0)
+    checkpoint_every: int = Field(
+        1, ge=0, description="epochs between resume checkpoints (0 = none); runtime only, not keyed"
+    )
 
     @field_validator("loss")
     @classmethod
     def _loss(cls, v: str) -> str:
-        if not _LOSS_RE.fullmatch(v):
+        if v != "shared" and not _LOSS_RE.fullmatch(v):
             raise ValueError("must be ce, balsoftmax, logitadjust:TAU (e.g. logitadjust:2) or decoupled")
         return v
+
+    @field_validator("heads")
+    @classmethod
+    def _heads(cls, v: tuple[str, ...] | None) -> tuple[str, ...] | None:
+        if v is None:
+            return v
+        if not v:
+            raise ValueError("needs at least one loss")
+        for h in v:
+            if not _LOSS_RE.fullmatch(h) or h == "decoupled":
+                raise ValueError(
+                    f"{h!r}: a head is ce, balsoftmax or logitadjust:TAU (decoupled is a cRT head on the "
+                    "frozen shared backbone, trained after it)"
+                )
+        if len(set(v)) != len(v):
+            raise ValueError("the head losses must be distinct")
+        return v
+
+    @model_validator(mode="after")
+    def _shared(self) -> TrainExpertConfig:
+        if self.loss == "shared" and not (self.shared_backbone and self.heads):
+            raise ValueError("loss 'shared' needs shared_backbone: true and heads (set by the pipeline)")
+        if self.loss != "shared" and self.heads is not None:
+            raise ValueError("heads are set only for the shared-backbone artifact (loss 'shared')")
+        if self.shared_backbone and self.loss not in ("shared", "decoupled"):
+            raise ValueError(
+                f"with shared_backbone, {self.loss!r} is a head of the shared artifact (loss 'shared'), "
+                "not an expert of its own"
+            )
+        return self
+
+    def key_payload(self) -> dict[str, Any]:
+        d = super().key_payload()
+        d.pop("checkpoint_every", None)  # resume is bit-exact: checkpoints never change the numbers
+        return d
 
     def resolved(self) -> TrainExpertConfig:
         """Concrete device class and precision (they change the numbers, so they are keyed)."""

@@ -118,7 +118,15 @@ class Pipeline:
         data = self.raw(stage)
         if stage == "train-expert":
             data.pop("losses", None)
+            if "heads" in data:
+                raise ArgseError(
+                    "train_expert.heads", "is set from train_expert.losses",
+                    "list the losses in train_expert.losses and remove heads",
+                )  # fmt: skip
         data.update({k: v for k, v in extra.items() if v is not None})
+        if stage == "train-expert" and self.shared_backbone() and data.get("loss", "ce") != "decoupled":
+            # shared backbone: every non-cRT loss is a head of the ONE shared artifact
+            data.update(loss="shared", heads=self.shared_heads())
         cfg = validate(stage, data)
         return cfg.resolved() if hasattr(cfg, "resolved") else cfg
 
@@ -139,6 +147,42 @@ class Pipeline:
                 "e.g. losses: [ce, balsoftmax] or --set losses=ce,balsoftmax",
             )  # fmt: skip
         return list(losses)
+
+    def shared_backbone(self) -> bool:
+        """True when train_expert.shared_backbone is set (section or override)."""
+        v = self.raw("train-expert").get("shared_backbone", False)
+        from pydantic import TypeAdapter, ValidationError
+
+        try:
+            return TypeAdapter(bool).validate_python(v)
+        except ValidationError:
+            raise ArgseError("train_expert.shared_backbone", f"{v!r} is not a boolean", "use true or false") from None
+
+    def shared_heads(self) -> list[str]:
+        """The jointly trained heads of the shared backbone: the non-cRT losses in `losses` order
+        (``ce`` alone when `losses` is only decoupled: cRT needs a backbone)."""
+        heads = [l for l in self.expert_losses() if l != "decoupled"]
+        return heads or ["ce"]
+
+    def expert_runs(self) -> list[tuple[Any, dict, dict, str]]:
+        """The train-expert artifacts to produce, in dependency order, one per key:
+        (config, upstream, upstream_stages, key). Independent: one per loss (ce first when
+        decoupled needs it); shared backbone: the shared artifact, then decoupled if asked."""
+        from .stages import key_of
+
+        losses = self.expert_losses()
+        if "decoupled" in losses and "ce" not in losses:
+            losses = ["ce", *losses]  # cRT re-uses the ce backbone
+        losses = sorted(losses, key=lambda l: l == "decoupled")  # stable: backbones first
+        runs, seen = [], set()
+        for l in losses:
+            cfg = self.config("train-expert", loss=l)
+            up, st = self.expert_upstream(l)
+            key = key_of("train-expert", cfg, up)
+            if key not in seen:
+                seen.add(key)
+                runs.append((cfg, up, st, key))
+        return runs
 
     # ---- keys ----------------------------------------------------------------------------
     def split_key(self) -> str:
@@ -170,7 +214,12 @@ class Pipeline:
         return key_of("train-expert", self.config("train-expert", loss=loss), up)
 
     def export_upstream(self) -> tuple[dict, dict]:
-        up = {"split": self.split_key(), "experts": [self.expert_key(l) for l in self.expert_losses()]}
+        """Independent: one train-expert key per loss, in `losses` order. Shared backbone: the
+        shared artifact (all its heads, in `losses` order) then the decoupled one if asked."""
+        keys = [self.expert_key(l) for l in self.expert_losses()]
+        if self.shared_backbone():
+            keys = list(dict.fromkeys(sorted(keys, key=lambda k: k != self.expert_key("ce"))))
+        up = {"split": self.split_key(), "experts": keys}
         return up, {"split": "split", "experts": "train-expert"}
 
     def export_key(self) -> str:

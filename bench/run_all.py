@@ -68,6 +68,10 @@ BENCHES: list[tuple[str, list[str], bool, str]] = [
                    "--experts", "2", "--n-train", "2000", "--synthetic"], False,
      "fused (vmap) vs sequential training of 2 ResNet-8 experts on CPU, synthetic learnable "
      "data (informative: the acceptance speedup is a GPU figure)"),
+    ("shared_cpu", ["bench/bench_shared.py", "--device", "cpu", "--depth", "8", "--epochs", "3"], False,
+     "shared-backbone experts (one ResNet-8, 4 heads: ce, balsoftmax, logitadjust:2, logitadjust:0.5) "
+     "vs 4 sequential models on CIFAR-10-LT IF=100 (12406 images), 3 epochs: expert-img/s ratio "
+     "(goal >= 2.5) and each head's class-balanced accuracy shortfall (goal <= 2 points)"),
     ("gpu_check", ["bench/gpu_check.py", "--no-install", "--out", "build/gpu_check"], True,
      "the GPU check (bench/gpu_check.sh without the wheel install): trainer vs reference, fused "
      "and shared-backbone speedups, one 200-epoch ResNet-32 expert; its lines form the GPU "

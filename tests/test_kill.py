@@ -208,9 +208,17 @@ def tiny_pipeline(tmp_path_factory, upto: tuple[str, ...] = ()) -> Tiny:
 
 # ------------------------------------------------------------------------------ killing
 def _tmp_dirs(store: Path, stage: str, pid: int | None = None) -> list[Path]:
-    """Temp dirs of ``stage`` (of the writer ``pid`` only: ``.tmp-<key>-<pid>-<rand>``)."""
+    """Temp dirs of ``stage`` (of the writer ``pid`` only: ``.tmp-<key>-<pid>-<rand>``), and the
+    pending dirs of resumable writers (train-expert: ``.pending-<key>``, pid in writer.json)."""
     dirs = list((store / stage).glob(".tmp-*"))
-    return [d for d in dirs if pid is None or d.name.split("-")[2] == str(pid)]
+    out = [d for d in dirs if pid is None or d.name.split("-")[2] == str(pid)]
+    for d in (store / stage).glob(".pending-*"):
+        info: dict = {}
+        with contextlib.suppress(OSError, ValueError):
+            info = json.loads((d / "writer.json").read_text())
+        if pid is None or info.get("pid") == pid:
+            out.append(d)
+    return out
 
 
 def _chunks(store: Path, stage: str, pid: int, array: str | None) -> list[Path]:

@@ -131,3 +131,19 @@ def test_safetensors_round_trip_and_fp16_export(tmp_path):
     torch.testing.assert_close(a.half().float(), a, rtol=1e-3, atol=1e-2)
     with pytest.raises(RuntimeError):
         load_model(blob, 20, 3)  # architecture mismatch is refused
+
+
+def test_balanced_rule_logits_hand_computed():
+    """pi = (0.8, 0.2), f = (0, 1): tau = 2 adds log pi (favours the head back: 0 + log .8 = -0.223 vs
+    1 + log .2 = -0.609 -> class 0); tau = 1 is raw (class 1); tau = 0 subtracts log pi."""
+    from argse_cli.experts.trainer import balanced_rule_logits
+
+    log_pi = torch.log(torch.tensor([0.8, 0.2]))
+    f = torch.tensor([[0.0, 1.0]])
+    z2 = balanced_rule_logits(f, log_pi, 2.0)
+    torch.testing.assert_close(z2, torch.tensor([[math.log(0.8), 1.0 + math.log(0.2)]]))
+    assert int(z2.argmax()) == 0
+    assert torch.equal(balanced_rule_logits(f, log_pi, 1.0), f)
+    torch.testing.assert_close(
+        balanced_rule_logits(f, log_pi, 0.0), torch.tensor([[-math.log(0.8), 1.0 - math.log(0.2)]])
+    )

@@ -15,25 +15,34 @@ from __future__ import annotations
 
 import math
 import os
-import time
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from typing import Any
 
 import numpy as np
 import torch
 
-from argse_cli.experts.augment import AUG_PRESETS, apply_augment
+from argse_cli.experts.augment import AUG_PRESETS
+from argse_cli.experts.loop import (
+    MAX_LOSS,
+    Checkpoint,
+    LoopTask,
+    TrainingDiverged,
+    deterministic_on_cpu,
+    run_loop,
+)
 from argse_cli.experts.losses import loss_fn, parse_loss
 from argse_cli.nn.resnet import CifarResNet, cifar_resnet, init_weights
 
 __all__ = [
+    "MAX_LOSS",
     "CIFAR_MEAN",
     "CIFAR_STD",
     "TrainRecipe",
     "TrainingDiverged",
+    "balanced_rule_logits",
     "class_balanced_indices",
+    "deterministic_on_cpu",
     "load_model",
     "lr_at",
     "make_optimizer",
@@ -47,24 +56,10 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 
 
-MAX_LOSS = 1e4  # a mean cross-entropy above this means the logits exploded: treated as divergence
-
-
-class TrainingDiverged(RuntimeError):
-    """The training loss became NaN/inf."""
-
-    def __init__(self, epoch: int, last_finite_loss: float | None):
-        self.epoch, self.last_finite_loss = epoch, last_finite_loss
-        last = "none" if last_finite_loss is None else f"{last_finite_loss:.6g}"
-        super().__init__(
-            f"training diverged at epoch {epoch}: loss is NaN/inf or above {MAX_LOSS:g} (last finite loss {last}); "
-            "lower the learning rate or use precision=fp32"
-        )
-
-
 @dataclass
 class TrainRecipe:
     depth: int = 32
+    width: int = 1  # channel multiplier of the CIFAR ResNet ({16, 32, 64} * width)
     epochs: int = 200
     batch_size: int = 128
     lr: float = 0.1  # per 128 images; scaled linearly with batch_size
@@ -91,22 +86,6 @@ class TrainRecipe:
     @property
     def peak_lr(self) -> float:
         return self.lr * self.batch_size / 128.0
-
-
-@contextmanager
-def deterministic_on_cpu(cuda: bool) -> Iterator[None]:
-    """On CPU, torch's deterministic algorithms (warn-only) for the block; the previous setting is
-    restored afterwards. On CUDA the setting is left as it is."""
-    prev = (
-        torch.are_deterministic_algorithms_enabled(),
-        torch.is_deterministic_algorithms_warn_only_enabled(),
-    )
-    if not cuda:
-        torch.use_deterministic_algorithms(True, warn_only=True)
-    try:
-        yield
-    finally:
-        torch.use_deterministic_algorithms(prev[0], warn_only=prev[1])
 
 
 def lr_at(step: int, total_steps: int, warmup_steps: int, peak_lr: float) -> float:
@@ -174,6 +153,39 @@ def _load_state(src: Any) -> dict[str, torch.Tensor]:
     raise TypeError(f"cannot load a state dict from {type(src).__name__}")
 
 
+def _prior(y_np: np.ndarray, log_pi: Any, dev: torch.device) -> torch.Tensor:
+    """log train priors as a float32 tensor on ``dev`` (None: from the counts of y)."""
+    if log_pi is None:
+        counts = np.bincount(y_np).astype(np.float64)
+        log_pi = np.log(np.maximum(counts, 1e-12) / counts.sum())
+    t = torch.as_tensor(
+        np.asarray(log_pi, dtype=np.float32) if not torch.is_tensor(log_pi) else log_pi.float()
+    ).to(dev)
+    C = int(t.numel())
+    if y_np.min() < 0 or y_np.max() >= C:
+        raise ValueError(f"labels must lie in [0, {C}) (C = len(log_pi))")
+    return t
+
+
+def module_task(
+    model: torch.nn.Module,
+    names: list[str],
+    losses: Callable[[torch.Tensor, Any], tuple[torch.Tensor, torch.Tensor]],
+    params: list[torch.Tensor],
+    train: bool = True,
+) -> LoopTask:
+    """A :class:`LoopTask` over one module: its state dict is the checkpointed state;
+    ``train=False`` keeps it in eval mode while training (cRT: frozen BN statistics)."""
+
+    def load(d: dict[str, torch.Tensor]) -> None:
+        model.load_state_dict(d)
+
+    return LoopTask(
+        names=names, params=params, losses=losses, set_train=lambda: model.train(train),
+        state=model.state_dict, load_state=load,
+    )  # fmt: skip
+
+
 def train_expert(
     x_train_u8: np.ndarray,
     y_train: np.ndarray,
@@ -184,11 +196,17 @@ def train_expert(
     init_state: Any = None,
     classifier_only: bool = False,
     eval_data: tuple[np.ndarray, np.ndarray] | None = None,
+    checkpoint: Checkpoint | None = None,
+    on_resume: Callable[[int, int], None] | None = None,
 ) -> tuple[CifarResNet, list[dict]]:
     """Train one expert; returns (model in eval mode on recipe.device, per-epoch history).
 
     ``log_pi`` = log train priors [C] (None: from the counts of ``y_train``; C = len(log_pi)).
     ``eval_data`` = (x_u8, y) evaluated every ``recipe.eval_every`` epochs (class-balanced acc).
+    ``checkpoint`` (:class:`argse_cli.experts.loop.Checkpoint`): resume from / save to it, one
+    metrics row per epoch (see :func:`argse_cli.experts.loop.run_loop`).
+    cRT with ``init_state`` of another architecture's head (a shared-backbone model): every
+    backbone tensor must match; the ``fc.*`` tensors are ignored (the head is re-initialised).
     Raises :class:`TrainingDiverged` when the loss becomes NaN/inf."""
     kind, _ = parse_loss(loss_spec)
     if kind == "decoupled" and not classifier_only:
@@ -200,21 +218,18 @@ def train_expert(
     dev = torch.device(recipe.device)
     cuda = dev.type == "cuda"
     y_np = np.asarray(y_train).astype(np.int64)
-    if log_pi is None:
-        counts = np.bincount(y_np).astype(np.float64)
-        log_pi = np.log(np.maximum(counts, 1e-12) / counts.sum())
-    log_pi_t = torch.as_tensor(
-        np.asarray(log_pi, dtype=np.float32) if not torch.is_tensor(log_pi) else log_pi.float()
-    ).to(dev)
+    log_pi_t = _prior(y_np, log_pi, dev)
     C = int(log_pi_t.numel())
-    if y_np.min() < 0 or y_np.max() >= C:
-        raise ValueError(f"labels must lie in [0, {C}) (C = len(log_pi))")
 
     with deterministic_on_cpu(cuda):
         torch.manual_seed(recipe.seed)
-        model = cifar_resnet(recipe.depth, C)
+        model = cifar_resnet(recipe.depth, C, recipe.width)
         if init_state is not None:
-            model.load_state_dict(_load_state(init_state))
+            sd = _load_state(init_state)
+            if classifier_only:  # the head is re-initialised below: keep ours (any head shape)
+                sd = {**{k: v for k, v in sd.items() if not k.startswith("fc.")},
+                      **{k: v for k, v in model.state_dict().items() if k.startswith("fc.")}}  # fmt: skip
+            model.load_state_dict(sd)
         if classifier_only:
             init_weights(model.fc)  # cRT: re-initialise the classifier
             for p in model.parameters():
@@ -226,83 +241,44 @@ def train_expert(
         if cuda and recipe.channels_last:
             model.to(memory_format=torch.channels_last)
         fwd = torch.compile(model) if (cuda and recipe.compile and not classifier_only) else model
-        params = model.fc.parameters() if classifier_only else model.parameters()
-        opt = make_optimizer(params, recipe)
+        params = list(model.fc.parameters() if classifier_only else model.parameters())
         crit = loss_fn("ce" if classifier_only and kind == "decoupled" else loss_spec, log_pi_t)
 
-        x_dev = _to_nchw_u8(x_train_u8, dev)
-        y_dev = torch.as_tensor(y_np, device=dev)
-        N, bs = x_dev.shape[0], min(recipe.batch_size, x_dev.shape[0])
-        steps = N // bs  # drop_last
-        total, warm = recipe.epochs * steps, int(round(recipe.warmup_epochs * steps))
-        gen = torch.Generator(device=dev).manual_seed(recipe.seed)
-        use_bf16 = cuda and recipe.precision == "bf16"
-        history: list[dict] = []
-        last_finite = torch.full((), float("nan"), device=dev)
-        prev_epoch_loss: float | None = None
-        step = 0
-        for epoch in range(recipe.epochs):
-            model.train(not classifier_only)  # cRT: backbone BN stays in eval mode
-            t0 = time.perf_counter()
-            if recipe.class_balanced_sampling:
-                order = class_balanced_indices(y_dev, steps * bs, gen)
+        def losses(xb: torch.Tensor, tb: Any) -> tuple[torch.Tensor, torch.Tensor]:
+            if classifier_only:
+                with torch.no_grad():
+                    feats = model.features(xb)
+                logits = model.fc(feats.float())
             else:
-                order = torch.randperm(N, generator=gen, device=dev)
-            loss_sum = torch.zeros((), device=dev)
-            correct = torch.zeros((), device=dev)
-            lr = 0.0
-            for s in range(steps):
-                idx = order[s * bs : (s + 1) * bs]
-                yb = y_dev[idx]
-                xb, tb = apply_augment(x_dev[idx], yb, recipe.aug, C, gen)
-                xb = normalize(xb)
-                if cuda and recipe.channels_last:
-                    xb = xb.contiguous(memory_format=torch.channels_last)
-                lr = lr_at(step, total, warm, recipe.peak_lr)
-                for g in opt.param_groups:
-                    g["lr"] = lr
-                with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                    if classifier_only:
-                        with torch.no_grad():
-                            feats = model.features(xb)
-                        logits = model.fc(feats.float())
-                    else:
-                        logits = fwd(xb)
-                loss = crit(logits.float(), tb)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                step += 1
-                ld = loss.detach()
-                last_finite = torch.where(torch.isfinite(ld), ld, last_finite)
-                loss_sum += ld
-                correct += (logits.detach().argmax(1) == yb).sum()
-            if cuda:
-                torch.cuda.synchronize(dev)
-            dt = time.perf_counter() - t0
-            epoch_loss = float(loss_sum) / steps
-            if not math.isfinite(epoch_loss) or epoch_loss > MAX_LOSS:
-                lf = float(last_finite)
-                raise TrainingDiverged(epoch, lf if math.isfinite(lf) else prev_epoch_loss)
-            prev_epoch_loss = epoch_loss
-            rec = {
-                "epoch": epoch,
-                "loss": epoch_loss,
-                "acc": float(correct) / (steps * bs),
-                "lr": lr,
-                "img_per_s": steps * bs / dt,
-                "time_s": dt,
-            }
-            if eval_data is not None and recipe.eval_every and (epoch + 1) % recipe.eval_every == 0:
-                lg = predict_logits(model, eval_data[0], device=dev)
-                rec["eval_bal_acc"] = _balanced_accuracy(lg.argmax(1).numpy(), eval_data[1], C)
-            history.append(rec)
-            if progress is not None:
-                progress(epoch + 1, recipe.epochs, rec)
+                logits = fwd(xb)
+            return crit(logits.float(), tb)[None], logits[None]
+
+        def evaluate() -> list[float]:
+            assert eval_data is not None
+            lg = predict_logits(model, eval_data[0], device=dev)
+            return [_balanced_accuracy(lg.argmax(1).numpy(), eval_data[1], C)]
+
+        task = module_task(model, [loss_spec], losses, params, train=not classifier_only)
+        hist = run_loop(
+            task, x_train_u8, y_np, recipe, C, progress=progress, checkpoint=checkpoint,
+            evaluate=evaluate if eval_data is not None else None, on_resume=on_resume,
+        )  # fmt: skip
     model.eval()
     for p in model.parameters():
         p.requires_grad_(True)
-    return model, history
+    return model, hist[0]
+
+
+def balanced_rule_logits(logits: torch.Tensor, log_pi: Any, tau: float) -> torch.Tensor:
+    """Scores of the expert's own balanced-prior Bayes rule: with eta_train = softmax(f + tau log pi),
+    argmax_y eta_train_y / pi_y = argmax_y (f_y + (tau - 1) log pi_y); returns f + (tau - 1) log pi.
+
+    tau = 1 (balsoftmax, decoupled): the raw logits; tau = 0 (ce): post-hoc logit adjustment
+    f - log pi; tau = 2: f + log pi (the raw argmax of a tau = 2 expert over-corrects by 1 / pi)."""
+    z = logits.float()
+    if tau == 1.0:
+        return z
+    return z + (float(tau) - 1.0) * torch.as_tensor(log_pi, dtype=torch.float32, device=z.device)
 
 
 def _balanced_accuracy(pred: np.ndarray, y: np.ndarray, C: int) -> float:
@@ -314,7 +290,8 @@ def _balanced_accuracy(pred: np.ndarray, y: np.ndarray, C: int) -> float:
 
 @torch.no_grad()
 def predict_logits(model: torch.nn.Module, x_u8: Any, batch_size: int = 1024, device=None):
-    """Eval-mode logits (no augmentation, normalised inputs) -> float32 CPU tensor [N, C]."""
+    """Eval-mode logits (no augmentation, normalised inputs) -> float32 CPU tensor [N, C]
+    ([N, H, C] for a shared-backbone model with H heads)."""
     dev = torch.device(device) if device is not None else next(model.parameters()).device
     was_training = model.training
     model.eval()
@@ -327,24 +304,32 @@ def predict_logits(model: torch.nn.Module, x_u8: Any, batch_size: int = 1024, de
     finally:
         model.train(was_training)
     if not outs:
-        return torch.zeros(0, model.fc.out_features)
+        heads = getattr(model.fc, "num_heads", None)
+        shape = (0, model.fc.out_features) if heads is None else (0, heads, model.fc.out_features)
+        return torch.zeros(shape)
     return torch.cat(outs)
 
 
 def state_dict_to_safetensors_bytes(model: torch.nn.Module) -> bytes:
     """safetensors serialisation of the state dict (CPU, contiguous); metadata holds
-    depth and num_classes."""
+    depth, num_classes, width and (shared backbone) num_heads."""
     from safetensors.torch import save
 
     sd = {k: v.detach().cpu().contiguous() for k, v in model.state_dict().items()}
     meta = {}
     if isinstance(model, CifarResNet):
-        meta = {"depth": str(model.depth), "num_classes": str(model.num_classes)}
+        meta = {"depth": str(model.depth), "num_classes": str(model.num_classes), "width": str(model.width)}
+        if model.num_heads is not None:
+            meta["num_heads"] = str(model.num_heads)
     return save(sd, metadata=meta)
 
 
-def load_model(src: bytes | str | os.PathLike, depth: int, num_classes: int) -> CifarResNet:
-    """Rebuild a CIFAR ResNet from safetensors bytes or a file (never executes code); eval mode."""
-    model = cifar_resnet(depth, num_classes)
+def load_model(
+    src: bytes | str | os.PathLike, depth: int, num_classes: int, width: int = 1,
+    num_heads: int | None = None,
+) -> CifarResNet:
+    """Rebuild a CIFAR ResNet from safetensors bytes or a file (never executes code); eval mode.
+    The architecture comes from the arguments; a mismatching state dict is refused."""
+    model = cifar_resnet(depth, num_classes, width, num_heads)
     model.load_state_dict(_load_state(src))
     return model.eval()

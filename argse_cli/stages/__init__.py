@@ -2,7 +2,8 @@
 
 A stage module defines ``STAGE``, ``VERSION`` (bumped whenever its code -- the import closure of
 the module, see :mod:`argse_cli.digests` -- changes) and ``compute(cfg, inputs, out, progress)``; optionally
-``summary(meta) -> str`` and ``show(artifact, console)``. Stage modules import nothing heavy at
+``summary(meta) -> str``, ``show(artifact, console)`` and ``RESUMABLE = True`` (its writer works in
+the key's pending dir, which survives a kill: checkpoints in ``out.scratch``, ``out.log_metrics``). Stage modules import nothing heavy at
 module level, so computing a key and answering ``cached`` never imports torch or zarr.
 """
 
@@ -91,6 +92,7 @@ def run_stage(
             with store.writer(
                 stage, key, config=cfg.key_payload(), upstream=upstream,
                 upstream_stages=upstream_stages, version=mod.VERSION, extra=extra, replace=force,
+                resumable=getattr(mod, "RESUMABLE", False),
             ) as out:
                 mod.compute(cfg, inputs, out, progress)
             progress.close()

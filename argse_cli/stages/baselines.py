@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 STAGE = "baselines"
-VERSION = 7
+VERSION = 8
 
 
 class _Calib:
