@@ -86,9 +86,8 @@ def test_pipeline_end_to_end_then_all_cached(env):
     assert np.isfinite(score).all()
 
     # fp16 export equals a float32 forward pass within fp16 tolerance
+    from argse_cli.data.images import load_images, split_arrays
     from argse_cli.experts.trainer import load_model, predict_logits
-    from argse_cli.stages.split import load_images
-    from argse_cli.stages.train_expert import split_arrays
 
     exp = store.open("export-logits", store.open("train-gate", keys[0]).upstream_keys["export"])
     split = exp.upstream("split")

@@ -97,10 +97,9 @@ PIPE = {
 
 
 def test_cli_shared_backbone_train_export_calibrate(tmp_path):
+    from argse_cli.data.images import load_images, split_arrays
     from argse_cli.data.synthetic import write_synthetic_cifar10
     from argse_cli.experts.trainer import load_model, predict_logits
-    from argse_cli.stages.split import load_images
-    from argse_cli.stages.train_expert import split_arrays
 
     data = tmp_path / "data"
     write_synthetic_cifar10(data, n_train_per_class=60, n_test_per_class=40, seed=1)

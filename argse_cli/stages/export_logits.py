@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "export-logits"
-VERSION = 7
+VERSION = 8
 SPLIT_ARRAYS = ("labels", "w_lt", "w_bal", "group")
 
 
@@ -29,10 +29,10 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     import numpy as np
 
     from ..config import HELDOUT_SPLITS
+    from ..data.images import load_images, split_arrays
     from ..errors import ArgseError
     from ..experts.trainer import load_model, predict_logits
-    from .split import load_images
-    from .train_expert import pin_threads, split_arrays
+    from ..runtime import pin_threads
 
     pin_threads()
     split, experts = inputs["split"], inputs["experts"]

@@ -11,12 +11,11 @@ outside the tool.
 
 from __future__ import annotations
 
-import os
 from pathlib import Path
 from typing import Any
 
 STAGE = "split"
-VERSION = 2
+VERSION = 3
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
@@ -62,32 +61,6 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
         data_root=str(Path(cfg.data_root).resolve()),
         md5_mismatch=list(data.md5_mismatch),
         warnings=list(res.warnings),
-    )
-
-
-def load_images(split_art: Any) -> Any:
-    """The CIFAR arrays a split was made from; refuses data whose fingerprint differs.
-
-    Looks in the root the split was made from first, then in ``ARGSE_DATA`` (data that moved);
-    either must hold exactly the files the split was made from (same fingerprint)."""
-    from ..data.cifar import data_fingerprint, load_cifar
-    from ..errors import ArgseError
-
-    meta = split_art.meta
-    want = split_art.manifest["extra"]["data"]
-    roots = [Path(meta["data_root"])]
-    if os.environ.get("ARGSE_DATA"):
-        roots.append(Path(os.environ["ARGSE_DATA"]))
-    for r in roots:
-        try:
-            if data_fingerprint(meta["dataset"], r) == want:
-                return load_cifar(meta["dataset"], r)
-        except ArgseError:
-            continue
-    raise ArgseError(
-        "data_root",
-        f"no files matching split {split_art.key[:12]} under {', '.join(map(str, roots))}",
-        "point ARGSE_DATA / --data-root at the original files or re-run `argse split`",
     )
 
 

@@ -32,25 +32,8 @@ import sys
 from typing import Any
 
 STAGE = "train-expert"
-VERSION = 5
+VERSION = 6
 RESUMABLE = True  # the writer keeps its pending dir across a kill: checkpoints + metrics log
-
-
-def pin_threads() -> None:
-    """Deterministic CPU runs: a fixed thread count (the cores we have, at most 8)."""
-    import os
-
-    import torch
-
-    torch.set_num_threads(max(1, min(8, os.cpu_count() or 1)))
-
-
-def split_arrays(split_art: Any, name: str, images: Any) -> tuple[Any, Any]:
-    """(x uint8 [n,32,32,3], y) of one split, read through the split artifact's indices."""
-    src = split_art.meta["sources"][name]
-    idx = split_art.array(f"{name}/indices")
-    x = (images.x_train if src == "train" else images.x_test)[idx]
-    return x, split_art.array(f"{name}/labels")
 
 
 def _checkpoint(cfg: Any, out: Any, progress: Any) -> Any:
@@ -75,54 +58,49 @@ def _group_acc(pred: Any, yt: Any, c2g: Any, C: int) -> tuple[Any, Any]:
     return per_class, np.array([np.nanmean(per_class[c2g == k]) for k in range(K)])
 
 
-def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
-    import numpy as np
-    import torch
+def _recipe(cfg: Any) -> Any:
+    """The trainer's recipe from the stage config (cRT: its own epochs, no warm-up, class-balanced
+    sampling)."""
+    from ..experts.trainer import TrainRecipe
 
-    from ..errors import ArgseError
-    from ..experts.losses import posterior_tau
-    from ..experts.shared import train_experts_shared
-    from ..experts.trainer import (
-        TrainingDiverged,
-        TrainRecipe,
-        balanced_rule_logits,
-        load_model,
-        predict_logits,
-        state_dict_to_safetensors_bytes,
-        train_expert,
-    )
-    from .split import load_images
-
-    pin_threads()
-    split = inputs["split"]
-    images = load_images(split)
-    x, y = split_arrays(split, "train", images)
-    counts = split.array("class_counts").astype(np.float64)
-    log_pi = np.log(counts / counts.sum()).astype(np.float32)
-    C = len(counts)
-    decoupled, shared = cfg.loss == "decoupled", cfg.loss == "shared"
-    recipe = TrainRecipe(
+    decoupled = cfg.loss == "decoupled"
+    return TrainRecipe(
         depth=cfg.depth, width=cfg.width, epochs=cfg.decoupled_epochs if decoupled else cfg.epochs,
         batch_size=cfg.batch_size, lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay,
         warmup_epochs=0 if decoupled else cfg.warmup_epochs, aug=cfg.aug, precision=cfg.precision,
         compile=cfg.compile, channels_last=cfg.device == "cuda", seed=cfg.seed, device=cfg.device,
         class_balanced_sampling=decoupled,
     )  # fmt: skip
-    init = None
-    if decoupled:
-        bb = inputs["backbone"]
-        if (bb.meta.get("depth"), bb.meta.get("width", 1)) != (cfg.depth, cfg.width):
-            raise ArgseError("upstream.backbone", f"backbone {bb.key[:12]} is ResNet-{bb.meta.get('depth')} "
-                             f"x{bb.meta.get('width', 1)}, cRT asks for ResNet-{cfg.depth} x{cfg.width}",
-                             "train the backbone with the same depth and width")  # fmt: skip
-        init = bb.read_bytes("model.safetensors")
+
+
+def _backbone(cfg: Any, inputs: dict) -> bytes | None:
+    """cRT's frozen backbone (weights of the upstream ce / shared artifact); None otherwise."""
+    from ..errors import ArgseError
+
+    if cfg.loss != "decoupled":
+        return None
+    bb = inputs["backbone"]
+    if (bb.meta.get("depth"), bb.meta.get("width", 1)) != (cfg.depth, cfg.width):
+        raise ArgseError("upstream.backbone", f"backbone {bb.key[:12]} is ResNet-{bb.meta.get('depth')} "
+                         f"x{bb.meta.get('width', 1)}, cRT asks for ResNet-{cfg.depth} x{cfg.width}",
+                         "train the backbone with the same depth and width")  # fmt: skip
+    return bb.read_bytes("model.safetensors")
+
+
+def _train(cfg: Any, x: Any, y: Any, log_pi: Any, init: bytes | None, out: Any, progress: Any) -> tuple[Any, Any]:
+    """Train (resuming from the pending dir's checkpoint when there is one): (model, history)."""
+    from ..errors import ArgseError
+    from ..experts.shared import train_experts_shared
+    from ..experts.trainer import TrainingDiverged, train_expert
+
+    recipe = _recipe(cfg)
+    decoupled, shared = cfg.loss == "decoupled", cfg.loss == "shared"
     what = f"shared backbone with heads {', '.join(cfg.heads)}" if shared else cfg.loss
     if decoupled and cfg.shared_backbone:
         what += " (cRT head on the frozen shared backbone)"
     width = f" x{cfg.width}" if cfg.width != 1 else ""
     progress.log(f"train-expert {what}: {len(y)} images, ResNet-{cfg.depth}{width}, {recipe.epochs} epochs, {cfg.device}")
     ckpt = _checkpoint(cfg, out, progress)
-
     resumed_at: list[int] = []
 
     def resumed(epoch: int, epochs: int) -> None:  # printed even with --quiet
@@ -151,22 +129,21 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     if ckpt is not None and out.resumed and not resumed_at:
         print("train-expert: an interrupted run left no usable checkpoint; trained from the start",
               file=sys.stderr, flush=True)  # fmt: skip
-    blob = state_dict_to_safetensors_bytes(model.cpu())
-    out.file_path("model.safetensors").write_bytes(blob)
-    out.json("history.json", history)
+    return model, history
 
-    # Report-only accuracy on test (never used for selection).
-    heads = list(cfg.heads) if shared else [cfg.loss]
-    model = load_model(blob, cfg.depth, C, cfg.width, len(heads) if shared else None)
-    xt, yt = split_arrays(split, "test", images)
-    logits = predict_logits(model, xt, device="cpu")
-    logits = logits if shared else logits[:, None]  # [N, H, C]
-    c2g = split.array("class_to_group")
+
+def _test_accuracies(heads: list[str], logits: Any, yt: Any, c2g: Any, log_pi: Any) -> tuple[Any, Any, list[dict]]:
+    """Report-only test accuracies of each head (never used for selection): per-class [H, C],
+    per-group [H, K], and per head its raw and balanced-prior-rule class-balanced accuracies."""
+    import numpy as np
+    import torch
+
+    from ..experts.losses import posterior_tau
+    from ..experts.trainer import balanced_rule_logits
+
+    C = logits.shape[-1]
     accs = [_group_acc(logits[:, h].argmax(1).numpy(), yt, c2g, C) for h in range(len(heads))]
     per_class, per_group = np.stack([a[0] for a in accs]), np.stack([a[1] for a in accs])
-    out.array("test/per_class_acc", per_class if shared else per_class[0])
-    out.array("test/per_group_acc", per_group if shared else per_group[0])
-    # the expert's own balanced-prior rule (report-only, like the raw accuracy)
     lp = torch.from_numpy(log_pi)
     bal = [_group_acc(balanced_rule_logits(logits[:, h], lp, posterior_tau(l)).argmax(1).numpy(), yt, c2g, C)
            for h, l in enumerate(heads)]  # fmt: skip
@@ -175,6 +152,36 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
              "test_balanced_rule_acc": float(np.nanmean(bal[h][0])),
              "test_balanced_rule_group_acc": [float(v) for v in bal[h][1]]}
             for h, l in enumerate(heads)]  # fmt: skip
+    return per_class, per_group, info
+
+
+def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
+    import numpy as np
+
+    from ..data.images import load_images, split_arrays
+    from ..experts.trainer import load_model, predict_logits, state_dict_to_safetensors_bytes
+    from ..runtime import pin_threads
+
+    pin_threads()
+    split = inputs["split"]
+    images = load_images(split)
+    x, y = split_arrays(split, "train", images)
+    counts = split.array("class_counts").astype(np.float64)
+    log_pi = np.log(counts / counts.sum()).astype(np.float32)
+    C, shared = len(counts), cfg.loss == "shared"
+    model, history = _train(cfg, x, y, log_pi, _backbone(cfg, inputs), out, progress)
+    blob = state_dict_to_safetensors_bytes(model.cpu())
+    out.file_path("model.safetensors").write_bytes(blob)
+    out.json("history.json", history)
+
+    heads = list(cfg.heads) if shared else [cfg.loss]
+    model = load_model(blob, cfg.depth, C, cfg.width, len(heads) if shared else None)
+    xt, yt = split_arrays(split, "test", images)
+    logits = predict_logits(model, xt, device="cpu")
+    logits = logits if shared else logits[:, None]  # [N, H, C]
+    per_class, per_group, info = _test_accuracies(heads, logits, yt, split.array("class_to_group"), log_pi)
+    out.array("test/per_class_acc", per_class if shared else per_class[0])
+    out.array("test/per_group_acc", per_group if shared else per_group[0])
     out.meta.update(depth=cfg.depth, width=cfg.width, num_classes=C, shared_backbone=cfg.shared_backbone)
     if shared:
         out.meta.update(loss="shared", heads=info, num_heads=len(heads),
