@@ -59,10 +59,7 @@ demo: install data
 	$(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key)
 	$(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0 --print-key)
 	$(ARGSE) baselines $(DEMO)
-	$(ARGSE) report $(DEMO) --out $(DEMO_OUT) \
-	  --eval $$($(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key) --print-key) \
-	  --eval $$($(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0 --print-key) --print-key) \
-	  --baselines $$($(ARGSE) baselines $(DEMO) --print-key)
+	$(ARGSE) report $(DEMO) --latest --out $(DEMO_OUT)
 	@# apply: the stored balanced gate + rejector on the test logits files, one per expert in gate order
 	$(ARGSE) apply $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key) \
 	  $$(for f in $(DEMO_IMPORT)/logits/e*_test.npy; do echo --logits $$f; done) --out $(DEMO_OUT)/apply_test.npz
