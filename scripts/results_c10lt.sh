@@ -41,5 +41,5 @@ rk=$($ARGSE report "${C[@]}" "${evals[@]}" "${base[@]}" --print-key)
 mkdir -p build "$(dirname "$OUT")"
 $PY -m argse_cli.report.notes --config "$CFG" > build/c10lt_notes.json
 $PY -m argse_cli.report.markdown "$rk" --protocol build/c10lt_notes.json --command "make results-c10lt" \
-  --section c10lt --into "$OUT"
+  --title "CIFAR-10-LT (experts trained here on the CPU)" --section c10lt --into "$OUT"
 stamp "wrote $OUT (report $rk)"

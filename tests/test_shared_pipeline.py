@@ -96,7 +96,7 @@ PIPE = {
 }  # fmt: skip
 
 
-def test_cli_shared_backbone_train_export_calibrate(tmp_path):
+def test_cli_shared_backbone_train_export_calibrate(tmp_path, monkeypatch):
     from argse_cli.data.images import load_images, split_arrays
     from argse_cli.data.synthetic import write_synthetic_cifar10
     from argse_cli.experts.trainer import load_model, predict_logits
@@ -157,3 +157,13 @@ def test_cli_shared_backbone_train_export_calibrate(tmp_path):
     # the backbone of the cRT head is the shared backbone, unchanged
     sm, cm = m.state_dict(), c.state_dict()
     assert all(np.array_equal(sm[k].numpy(), cm[k].numpy()) for k in cm if not k.startswith("fc."))
+    # the RESULTS.md notes list one row per head of the shared artifact, then the cRT head
+    from argse_cli.report.notes import notes
+
+    monkeypatch.setenv("ARGSE_DATA", str(data))
+    rows = notes(cfg, tmp_path / "store")["experts"]
+    assert [r["name"] for r in rows] == [*HEADS, "decoupled"]
+    assert [r["shared"] for r in rows] == [True, True, True, False]
+    assert rows[2]["balanced_acc"] == la_head["test_class_balanced_acc"]
+    assert rows[2]["rule_acc"] == la_head["test_balanced_rule_acc"] and rows[1]["rule_acc"] is None
+    assert rows[3]["balanced_acc"] == crt.meta["test_class_balanced_acc"]

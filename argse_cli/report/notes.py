@@ -26,6 +26,25 @@ CIFAR10_CAVEAT = (
 )
 
 
+def _experts(p: Any, split: Any) -> list[dict[str, Any]]:
+    """Each expert's test accuracies as recorded by `argse train-expert`: one row per independent
+    model, or per head of a shared-backbone artifact (its cRT head is its own artifact)."""
+    rows = int(len(split.array("test/labels")))
+    out = []
+    for _cfg, _up, _st, key in p.expert_runs():
+        a = p.store.open("train-expert", key)
+        heads = a.meta["heads"] if a.meta.get("loss") == "shared" else [a.meta]
+        for m in heads:
+            out.append({"name": m["loss"], "loss": m["loss"], "rows": rows,
+                        "balanced_acc": float(m["test_class_balanced_acc"]), "group_acc": list(m["test_group_acc"]),
+                        "rule_acc": m.get("test_balanced_rule_acc") if m.get("tau", 1.0) != 1.0 else None,
+                        "rule_group_acc": m.get("test_balanced_rule_group_acc") if m.get("tau", 1.0) != 1.0 else None,
+                        "artifact": key, "shared": a.meta.get("loss") == "shared",
+                        "epochs": a.config.get("decoupled_epochs") if m["loss"] == "decoupled" else a.config.get("epochs"),
+                        "depth": a.config.get("depth"), "train_s": float(a.manifest.get("duration_s") or 0.0)})  # fmt: skip
+    return out
+
+
 def notes(config: Path, store_root: Path | None = None) -> dict[str, Any]:
     from ..pipeline import Pipeline, load_file
     from ..store import Store
@@ -37,14 +56,7 @@ def notes(config: Path, store_root: Path | None = None) -> dict[str, Any]:
     for s in ("tuneV", "val_small", "calib", "test"):
         g = split.array(f"{s}/group")
         counts[s] = [int((g == k).sum()) for k in range(K)]
-    experts = []
-    for loss in p.expert_losses():
-        a = p.store.open("train-expert", p.expert_key(loss))
-        m = a.meta
-        experts.append({"name": loss, "loss": loss, "rows": int(len(split.array("test/labels"))),
-                        "balanced_acc": float(m["test_class_balanced_acc"]), "group_acc": list(m["test_group_acc"]),
-                        "epochs": a.config.get("epochs"), "depth": a.config.get("depth"),
-                        "train_s": float(a.manifest.get("duration_s") or 0.0)})
+    experts = _experts(p, split)
     cfg = split.config
     fr = cfg["fractions"]
     text = (
@@ -59,10 +71,20 @@ def notes(config: Path, store_root: Path | None = None) -> dict[str, Any]:
         "read on test at that coverage (the refit view); Chow-type rules sweep a threshold. Test labels never "
         "choose anything."
     )
-    return {"protocol": "holdout", "text": text, "counts": counts, "experts": experts,
-            "experts_note": "Class-balanced accuracy (mean per-class recall) of each expert's argmax on the test "
-                            "split, overall and per group, as recorded by `argse train-expert`. " + REFERENCE,
-            "caveats": [CIFAR10_CAVEAT]}
+    return {
+        "protocol": "holdout",
+        "text": text,
+        "counts": counts,
+        "experts": experts,
+        "experts_note": "Class-balanced accuracy (mean per-class recall) of each expert's argmax on the test "
+        "split, overall and per group, as recorded by `argse train-expert` (report-only: never "
+        "used for a choice). For an expert trained with a logit-adjusted loss of tau != 1 the "
+        "raw argmax targets a prior other than the balanced one; the 'balanced-prior rule' "
+        "columns give argmax_y f_y + (tau - 1) log pi_y, the expert's own balanced prediction. "
+        "Heads of one shared backbone were trained together (one artifact); cRT re-trains a "
+        "head on that frozen backbone. " + REFERENCE,
+        "caveats": [CIFAR10_CAVEAT],
+    }
 
 
 def main(argv: list[str] | None = None) -> None:
