@@ -211,7 +211,7 @@ def report_art(tmp_path_factory):
     from argse_cli.stages import run_stage
 
     store, up, st, raw = _build_store(tmp_path_factory.mktemp("store"))
-    cfg = ReportConfig(n_boot=200, band_boot=50, banner="smoke recipe: experts trained {expert_epochs} epochs; "
+    cfg = ReportConfig(n_boot=50, band_boot=50, banner="smoke recipe: experts trained {expert_epochs} epochs; "
                        "numbers are not meaningful")
     key, computed = run_stage("report", cfg, up, st, store, quiet=True)
     assert computed
