@@ -38,6 +38,7 @@ from __future__ import annotations
 import functools
 import math
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -46,6 +47,7 @@ from scipy import stats
 __all__ = [
     "DIST_CALIB",
     "DIST_WEIGHTED",
+    "WeightedLTT",
     "clopper_pearson_upper",
     "hb_pvalue",
     "ltt_threshold",
@@ -387,6 +389,26 @@ def weighted_risk_ucb(
     return float(hi)
 
 
+@dataclass(frozen=True)
+class WeightedLTT:
+    """How :func:`ltt_threshold_weighted` tests its nulls ``H0_t: R_w(t) > target``.
+
+    ``bound``: ``"wsr"`` (Waudby-Smith--Ramdas predictable plug-in betting + Ville,
+    :func:`wsr_log_capital`) or ``"hb"`` (Hoeffding--Bentkus, :func:`hb_pvalue`).
+    ``candidates`` / ``n_grid`` / ``start_count``: the candidate thresholds, as in
+    :func:`ltt_threshold`. ``seed``: the fixed shuffle of the calib order before betting.
+    """
+
+    bound: str = "wsr"
+    n_grid: int = 100
+    start_count: int | None = None
+    candidates: Any = None
+    seed: int = 0
+
+
+BOUND_NAMES = {"wsr": "waudby-smith-ramdas betting", "hb": "hoeffding-bentkus"}
+
+
 def ltt_threshold_weighted(
     score: Any,
     err: Any,
@@ -394,12 +416,7 @@ def ltt_threshold_weighted(
     target: float,
     delta: float,
     w_max: float | None = None,
-    candidates: Any = None,
-    *,
-    bound: str = "wsr",
-    n_grid: int = 100,
-    start_count: int | None = None,
-    seed: int = 0,
+    opts: WeightedLTT = WeightedLTT(),
 ) -> dict[str, Any]:
     """LTT threshold controlling the importance-weighted selective risk (long-tailed view).
 
@@ -411,18 +428,17 @@ def ltt_threshold_weighted(
 
     and ``Z in [0, 1]`` whenever ``0 <= w <= w_max``. Given n_t, the accepted calib samples are
     i.i.d. from P_calib( . | s >= t), so each null ``H0_t: E[Z | s >= t] > target`` is tested on
-    them with a bound valid for any i.i.d. [0, 1] variables: ``bound="wsr"`` (default,
-    Waudby-Smith--Ramdas predictable plug-in betting + Ville, :func:`wsr_log_capital`) or
-    ``bound="hb"`` (Hoeffding--Bentkus, :func:`hb_pvalue`); then fixed-sequence testing from the
-    highest candidate down as in :func:`ltt_threshold`.
+    them with a bound valid for any i.i.d. [0, 1] variables (``opts.bound``, see
+    :class:`WeightedLTT`); then fixed-sequence testing from the highest candidate down as in
+    :func:`ltt_threshold`.
 
     Assumptions (stated): calib samples i.i.d.; ``w`` proportional to the density ratio (the
     scale cancels: w is used only through w / w_max, normalising so that E_calib[w] = 1 changes
     nothing); ``w <= w_max`` with w_max fixed in advance (default: max(w), valid when w is a
     function of the class and every class occurs in calib). The calib order is shuffled with a
-    fixed ``seed`` (independent of the data) before betting, because the betting process needs
+    fixed ``opts.seed`` (independent of the data) before betting, because the betting process needs
     i.i.d. order and a split may be stored sorted by class. Candidates as in
-    :func:`ltt_threshold` (default: score order statistics from ``start_count`` on, where the
+    :func:`ltt_threshold` (default: score order statistics from ``opts.start_count`` on, where the
     default start is ``power_start_count(target * mean(w) / w_max, delta)``: one error of the
     heaviest class weighs w_max / mean(w) average samples, so the test needs that many more
     accepted samples before it can pass).
@@ -432,6 +448,33 @@ def ltt_threshold_weighted(
     bound (bisection, :func:`weighted_risk_ucb`), plus ``w_max``.
     """
     _check_level(target, delta)
+    s, e, wv, w_max = _weighted_inputs(score, err, w, w_max)
+    start_count = opts.start_count
+    if opts.candidates is None and start_count is None and s.shape[0] > 0 and wv.mean() > 0:
+        # an error of the heaviest class weighs w_max / mean(w) average samples
+        start_count = power_start_count(target * float(wv.mean()) / w_max, delta)
+    cand, cand_kind = _prepare_candidates(
+        s, opts.candidates, opts.n_grid, start_count, target, delta
+    )
+    f = _fixed_sequence(_weighted_rejections(s, e, wv, w_max, cand, target, delta, opts))
+    thr = float(cand[f - 1]) if f > 0 else math.inf
+    return {
+        **_weighted_summary(s, e, wv, w_max, thr, delta, opts),
+        "n_candidates": int(cand.size),
+        "n_rejected_nulls": f,
+        "target": float(target),
+        "delta": float(delta),
+        "w_max": w_max,
+        "bound": BOUND_NAMES[opts.bound],
+        "candidates": cand_kind,
+        "distribution": DIST_WEIGHTED,
+    }
+
+
+def _weighted_inputs(
+    score: Any, err: Any, w: Any, w_max: float | None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray, float]:
+    """(s, err, w, w_max) checked: equal lengths, ``0 <= w <= w_max`` (default ``w_max = max w``)."""
     s = _vec(score, name="score")
     e = _vec(err, bool)
     wv = _vec(w, name="w")
@@ -442,29 +485,52 @@ def ltt_threshold_weighted(
     w_max = float(wv.max()) if w_max is None else float(w_max)
     if np.any(wv > w_max * (1 + 1e-9)):
         raise ValueError("some weights exceed w_max")
-    n = s.shape[0]
-    if candidates is None and start_count is None and n > 0 and wv.mean() > 0:
-        # an error of the heaviest class weighs w_max / mean(w) average samples
-        start_count = power_start_count(target * float(wv.mean()) / w_max, delta)
-    cand, cand_kind = _prepare_candidates(s, candidates, n_grid, start_count, target, delta)
-    perm = np.random.default_rng(seed).permutation(n)
+    return s, e, wv, w_max
+
+
+def _weighted_rejections(
+    s: np.ndarray,
+    e: np.ndarray,
+    wv: np.ndarray,
+    w_max: float,
+    cand: np.ndarray,
+    target: float,
+    delta: float,
+    opts: WeightedLTT,
+) -> np.ndarray:
+    """Rejections of ``H0_t: E[Z | s >= t] > target`` for the candidates from the highest down,
+    on the calib rows in a fixed shuffled order; stops after the first chunk holding a non-rejection
+    (fixed-sequence testing never looks further)."""
+    perm = np.random.default_rng(opts.seed).permutation(s.shape[0])
     sp, ep, wp = s[perm], e[perm].astype(np.float64), wv[perm]
     z1 = _weighted_z(ep, wp, w_max, target)
     reject = np.empty(0, dtype=bool)
     for lo in range(0, cand.size, 16):  # chunks: the sequence usually stops early
         a = (sp[:, None] >= cand[None, lo : lo + 16]).astype(np.float64)  # [n, chunk]
         z = np.broadcast_to(z1[:, None], a.shape)
-        reject = np.concatenate([reject, _weighted_reject(z, a, target, delta, bound)])
+        reject = np.concatenate([reject, _weighted_reject(z, a, target, delta, opts.bound)])
         if not reject.all():
             break
-    f = _fixed_sequence(reject)
-    if f == 0:
-        thr, na, wa, wea, u = math.inf, 0, 0.0, 0.0, 1.0
+    return reject
+
+
+def _weighted_summary(
+    s: np.ndarray,
+    e: np.ndarray,
+    wv: np.ndarray,
+    w_max: float,
+    thr: float,
+    delta: float,
+    opts: WeightedLTT,
+) -> dict[str, Any]:
+    """Calib summary of the rule ``s >= thr``: accepted count and errors, weighted coverage and
+    risk ``R_w``, and the (1 - delta) upper bound on ``R_w`` (1.0 when nothing is accepted)."""
+    if thr == math.inf:  # no null rejected: accept nothing
+        na, wa, wea, u = 0, 0.0, 0.0, 1.0
     else:
-        thr = float(cand[f - 1])
         acc = s >= thr
         na, wa, wea = int(acc.sum()), float(wv[acc].sum()), float(wv[acc & e].sum())
-        u = weighted_risk_ucb(acc, e, wv, w_max, delta, bound, seed)
+        u = weighted_risk_ucb(acc, e, wv, w_max, delta, opts.bound, opts.seed)
     return {
         "threshold": thr,
         "n_accepted": na,
@@ -472,14 +538,6 @@ def ltt_threshold_weighted(
         "calib_coverage": wa / float(wv.sum()) if wv.sum() > 0 else 0.0,
         "calib_risk": wea / wa if wa > 0 else 1.0,
         "ucb": u,
-        "n_candidates": int(cand.size),
-        "n_rejected_nulls": f,
-        "target": float(target),
-        "delta": float(delta),
-        "w_max": w_max,
-        "bound": {"wsr": "waudby-smith-ramdas betting", "hb": "hoeffding-bentkus"}[bound],
-        "candidates": cand_kind,
-        "distribution": DIST_WEIGHTED,
     }
 
 
@@ -638,9 +696,7 @@ def risk_control_report(
     epsilon: float,
     *,
     w_max: float | None = None,
-    n_grid: int = 100,
-    bound: str = "wsr",
-    seed: int = 0,
+    opts: WeightedLTT = WeightedLTT(),
 ) -> dict[str, Any]:
     """Thresholds on ``calib`` and their achieved ``test`` risk / coverage, JSON-friendly.
 
@@ -658,72 +714,21 @@ def risk_control_report(
     ``worst_group_error`` (groups of the TRUE label, project metrics), ``pred_group_risk`` and
     ``pred_group_coverage`` (groups of the predicted class, the quantity the per-group guarantee
     is about) and ``accept_given_error_pred_group`` (what the conformal guarantee bounds).
+    ``w_max`` and ``opts`` go to :func:`ltt_threshold_weighted` (``opts.n_grid`` also to
+    :func:`ltt_threshold`).
     """
     c2g = _vec(class_to_group, np.int64)
     K = int(c2g.max()) + 1
     cal, tst = _split(calib, c2g), _split(test, c2g)
     if cal["w_lt"] is None:
         raise ValueError("calib needs w_lt for the long-tailed guarantee")
-
-    def thr_for(t: dict, thr: Any) -> np.ndarray:
-        a = np.asarray(thr, dtype=np.float64)
-        return np.full(t["score"].shape, float(a)) if a.ndim == 0 else a[t["gpred"]]
-
-    ltt = ltt_threshold(cal["score"], cal["err"], target, delta, n_grid=n_grid)
-    lttw = ltt_threshold_weighted(
-        cal["score"],
-        cal["err"],
-        cal["w_lt"],
-        target,
-        delta,
-        w_max,
-        bound=bound,
-        n_grid=n_grid,
-        seed=seed,
-    )
+    ltt = ltt_threshold(cal["score"], cal["err"], target, delta, n_grid=opts.n_grid)
+    lttw = ltt_threshold_weighted(cal["score"], cal["err"], cal["w_lt"], target, delta, w_max, opts)
     pg = ltt_thresholds_per_group(cal["score"], cal["err"], cal["gpred"], target, delta, K)
     conf = mondrian_conformal(cal["score"], cal["err"], cal["gpred"], epsilon, K)
-
-    def calib_summary(d: dict) -> dict:
-        return {k: (_fnum(v) if isinstance(v, float) else v) for k, v in d.items()}
-
-    methods = {
-        "ltt_binomial": {
-            "threshold": _fnum(ltt["threshold"]),
-            "accepts_nothing": not math.isfinite(ltt["threshold"]),
-            "calib": calib_summary(ltt),
-            "guarantee": f"P(R(t) <= {target}) >= {1 - delta:g}; R = selective risk under the "
-            "calib distribution (unweighted); test split assumed i.i.d. from it",
-            "test": _eval_rule(tst, thr_for(tst, ltt["threshold"]), c2g, K),
-        },
-        "ltt_weighted_lt": {
-            "threshold": _fnum(lttw["threshold"]),
-            "accepts_nothing": not math.isfinite(lttw["threshold"]),
-            "calib": calib_summary(lttw),
-            "guarantee": f"P(R_lt(t) <= {target}) >= {1 - delta:g}; R_lt = selective risk "
-            "under the long-tailed distribution (w_lt density ratio, label shift, "
-            f"w <= w_max = {lttw['w_max']:.4g}), {lttw['bound']} bound",
-            "test": _eval_rule(tst, thr_for(tst, lttw["threshold"]), c2g, K),
-        },
-        "ltt_per_group": {
-            "thresholds": [_fnum(x) for x in pg["thresholds"]],
-            "calib": [calib_summary(p) for p in pg["per_group"]],
-            "delta_per_group": pg["delta_per_group"],
-            "routing": pg["routing"],
-            "guarantee": f"P(for all k: P(err | accepted, g(h(x)) = k) <= {target}) >= "
-            f"{1 - delta:g} (Bonferroni delta/K), calib distribution (unweighted)",
-            "test": _eval_rule(tst, thr_for(tst, pg["thresholds"]), c2g, K),
-        },
-        "mondrian_conformal": {
-            "thresholds": [_fnum(x) for x in conf["thresholds"]],
-            "n_errors": conf["n_errors"],
-            "guaranteed_accept_given_error": conf["guaranteed_accept_given_error"],
-            "routing": conf["routing"],
-            "guarantee": f"for each k: P(accept | error, g(h(x)) = k) <= {epsilon} "
-            "(marginal over the calib draw, exchangeability)",
-            "test": _eval_rule(tst, thr_for(tst, conf["thresholds"]), c2g, K),
-        },
-    }
+    methods = _methods(ltt, lttw, pg, conf, target, delta, epsilon)
+    for m in methods.values():
+        m["test"] = _eval_rule(tst, _threshold_per_sample(tst, m.pop("_thr")), c2g, K)
     return {
         "target": float(target),
         "delta": float(delta),
@@ -732,4 +737,58 @@ def risk_control_report(
         "n_test": int(tst["score"].shape[0]),
         "accept_rule": "accept iff score >= threshold (threshold None = +inf = accept nothing)",
         "methods": methods,
+    }
+
+
+def _threshold_per_sample(t: dict, thr: Any) -> np.ndarray:
+    """Each sample's threshold: a scalar t, or ``t_[g(h(x))]`` for per-group thresholds [K]."""
+    a = np.asarray(thr, dtype=np.float64)
+    return np.full(t["score"].shape, float(a)) if a.ndim == 0 else a[t["gpred"]]
+
+
+def _calib_summary(d: dict) -> dict:
+    return {k: (_fnum(v) if isinstance(v, float) else v) for k, v in d.items()}
+
+
+def _methods(
+    ltt: dict, lttw: dict, pg: dict, conf: dict, target: float, delta: float, epsilon: float
+) -> dict[str, dict[str, Any]]:
+    """Each method's thresholds, calib summary and guarantee; ``_thr`` is the raw threshold (a
+    scalar or [K]) that :func:`risk_control_report` replaces by the ``test`` evaluation."""
+    return {
+        "ltt_binomial": {
+            "threshold": _fnum(ltt["threshold"]),
+            "accepts_nothing": not math.isfinite(ltt["threshold"]),
+            "calib": _calib_summary(ltt),
+            "guarantee": f"P(R(t) <= {target}) >= {1 - delta:g}; R = selective risk under the "
+            "calib distribution (unweighted); test split assumed i.i.d. from it",
+            "_thr": ltt["threshold"],
+        },
+        "ltt_weighted_lt": {
+            "threshold": _fnum(lttw["threshold"]),
+            "accepts_nothing": not math.isfinite(lttw["threshold"]),
+            "calib": _calib_summary(lttw),
+            "guarantee": f"P(R_lt(t) <= {target}) >= {1 - delta:g}; R_lt = selective risk "
+            "under the long-tailed distribution (w_lt density ratio, label shift, "
+            f"w <= w_max = {lttw['w_max']:.4g}), {lttw['bound']} bound",
+            "_thr": lttw["threshold"],
+        },
+        "ltt_per_group": {
+            "thresholds": [_fnum(x) for x in pg["thresholds"]],
+            "calib": [_calib_summary(p) for p in pg["per_group"]],
+            "delta_per_group": pg["delta_per_group"],
+            "routing": pg["routing"],
+            "guarantee": f"P(for all k: P(err | accepted, g(h(x)) = k) <= {target}) >= "
+            f"{1 - delta:g} (Bonferroni delta/K), calib distribution (unweighted)",
+            "_thr": pg["thresholds"],
+        },
+        "mondrian_conformal": {
+            "thresholds": [_fnum(x) for x in conf["thresholds"]],
+            "n_errors": conf["n_errors"],
+            "guaranteed_accept_given_error": conf["guaranteed_accept_given_error"],
+            "routing": conf["routing"],
+            "guarantee": f"for each k: P(accept | error, g(h(x)) = k) <= {epsilon} "
+            "(marginal over the calib draw, exchangeability)",
+            "_thr": conf["thresholds"],
+        },
     }

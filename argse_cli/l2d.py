@@ -33,6 +33,7 @@ from scipy.optimize import minimize
 from scipy.special import log_softmax, logsumexp, softmax
 
 __all__ = [
+    "EMSettings",
     "Gate",
     "L2DResult",
     "defer_curve",
@@ -229,29 +230,41 @@ class L2DResult:
         }
 
 
+@dataclass(frozen=True)
+class EMSettings:
+    """The EM schedule of :func:`em_defer`.
+
+    ``n_iter``: iterations at most; ``tol``: stop when the relative increase of L falls below it
+    (0 = run all ``n_iter``); ``m_steps``: L-BFGS iterations per gate M-step; ``l2``: penalty
+    ``l2/2 |theta|^2`` on the gate; ``gate_hidden``: hidden units of the gate (0 = softmax
+    regression); ``eps_init``: starting eps [H] (default: each human's raw disagreement rate with y).
+    """
+
+    n_iter: int = 50
+    gate_hidden: int = 0
+    m_steps: int = 25
+    l2: float = 0.0
+    tol: float = 0.0
+    eps_init: Any = None
+
+
 def em_defer(
     features: Any,
     eta: Any,
     m: Any,
     y: Any,
     C: int,
-    n_iter: int = 50,
-    gate_hidden: int = 0,
-    seed: int = 0,
     *,
-    m_steps: int = 25,
-    l2: float = 0.0,
-    tol: float = 0.0,
-    eps_init: Any = None,
+    seed: int = 0,
+    em: EMSettings = EMSettings(),
 ) -> L2DResult:
     """Fit the gate and the human noise rates eps_h by EM (see the module docstring).
 
     ``features`` [N, d] gating features, ``eta`` [N, C] the classifier's calibrated posterior,
-    ``m`` [H, N] human labels, ``y`` [N] labels. Each M-step runs at most ``m_steps`` L-BFGS
-    iterations on ``-Q(theta) + l2/2 |theta|^2`` from the current theta and keeps the result only
-    if that objective improved, so the (penalised, if ``l2 > 0``) observed log-likelihood never
-    decreases. ``eps_init`` default: each human's raw disagreement rate with y. Stops early when
-    the relative increase of L falls below ``tol`` (0 = run all ``n_iter``).
+    ``m`` [H, N] human labels, ``y`` [N] labels; ``seed`` initialises the gate. Each M-step runs at
+    most ``em.m_steps`` L-BFGS iterations on ``-Q(theta) + l2/2 |theta|^2`` from the current theta
+    and keeps the result only if that objective improved, so the (penalised, if ``l2 > 0``)
+    observed log-likelihood never decreases. The schedule is ``em`` (:class:`EMSettings`).
     """
     X0 = np.asarray(features, dtype=np.float64)
     eta = np.asarray(eta, dtype=np.float64)
@@ -261,56 +274,78 @@ def em_defer(
     H, N = m.shape
     if eta.shape != (N, C) or y.size != N or X0.shape[0] != N:
         raise ValueError("features [N, d], eta [N, C], m [H, N] and y [N] must agree")
-    gate = _new_gate(X0, H + 1, gate_hidden, seed)
-    X = gate.standardise(X0)
-    eta_y = eta[np.arange(N), y]
+    gate = _new_gate(X0, H + 1, em.gate_hidden, seed)
+    fit = _EMFit(gate, gate.standardise(X0), eta[np.arange(N), y], m, y, C, em.l2)
     eps = (
         np.mean(m != y[None, :], axis=1).clip(0.01, 0.99)
-        if eps_init is None
-        else np.asarray(eps_init, dtype=np.float64).reshape(-1)
+        if em.eps_init is None
+        else np.asarray(em.eps_init, dtype=np.float64).reshape(-1)
     )
-
-    def penalty(theta: np.ndarray) -> float:
-        return 0.5 * l2 * float(theta @ theta)
-
-    def objective(theta: np.ndarray, eps: np.ndarray) -> tuple[float, np.ndarray]:
-        f, _ = gate.logits(X, theta)
-        lj = log_softmax(f, axis=1) + _log_comp(eta_y, y, m, eps, C)
-        return float(logsumexp(lj, axis=1).sum()) - penalty(theta), lj
-
-    ll, lj = objective(gate.theta, eps)
+    ll, lj = fit.objective(gate.theta, eps)
     hist = [ll]
     converged = False
     n_done = 0
-    for _ in range(n_iter):
+    for _ in range(em.n_iter):
         n_done += 1
-        # E-step
-        R = np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
-        # M-step: eps (closed form)
-        disagree = (m != y[None, :]).T  # [N, H]
-        eps = (R[:, 1:] * disagree).sum(0) / np.maximum(R[:, 1:].sum(0), _TINY)
-        eps = np.clip(eps, _TINY, 1.0 - _TINY)
-
-        # M-step: gate (L-BFGS on -Q/N, accepted only if Q improves)
-        def fun(theta: np.ndarray, R: np.ndarray) -> tuple[float, np.ndarray]:
-            q, g = gate.q_and_grad(theta, X, R)
-            return (-q + penalty(theta)) / N, (-g + l2 * theta) / N
-
-        f0 = fun(gate.theta, R)[0]
-        res = minimize(
-            fun, gate.theta, args=(R,), jac=True, method="L-BFGS-B", options={"maxiter": m_steps}
-        )
-        if np.isfinite(res.fun) and res.fun <= f0:
-            gate.theta = np.asarray(res.x, dtype=np.float64)
-        ll_new, lj = objective(gate.theta, eps)
+        R = _responsibilities(lj)  # E-step
+        eps = fit.eps_step(R)
+        fit.gate_step(R, em.m_steps)
+        ll_new, lj = fit.objective(gate.theta, eps)
         hist.append(ll_new)
-        if tol > 0 and ll_new - ll <= tol * abs(ll):
+        if em.tol > 0 and ll_new - ll <= em.tol * abs(ll):
             converged = True
-            ll = ll_new
             break
         ll = ll_new
-    R = np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
-    return L2DResult(eps=eps, loglik=hist, gate=gate, resp=R, n_iter=n_done, converged=converged)
+    return L2DResult(
+        eps=eps, loglik=hist, gate=gate, resp=_responsibilities(lj), n_iter=n_done,
+        converged=converged,
+    )  # fmt: skip
+
+
+def _responsibilities(lj: np.ndarray) -> np.ndarray:
+    """E-step ``r_iz = pi_z p(y_i | ., z) / sum_z' pi_z' p(y_i | ., z')`` from ``lj`` = their logs."""
+    return np.exp(lj - logsumexp(lj, axis=1, keepdims=True))
+
+
+class _EMFit:
+    """One EM problem: the gate (updated in place), standardised features X, ``eta_y(x_i)``,
+    human labels m [H, N], labels y [N], C classes and the gate's L2 weight."""
+
+    def __init__(self, gate: Gate, X: np.ndarray, eta_y: np.ndarray, m: np.ndarray,
+                 y: np.ndarray, C: int, l2: float):  # fmt: skip
+        self.gate, self.X, self.eta_y, self.m, self.y, self.C, self.l2 = gate, X, eta_y, m, y, C, l2
+        self.N = y.size
+
+    def penalty(self, theta: np.ndarray) -> float:
+        return 0.5 * self.l2 * float(theta @ theta)
+
+    def objective(self, theta: np.ndarray, eps: np.ndarray) -> tuple[float, np.ndarray]:
+        """(penalised L, ``lj`` [N, H+1] = log pi_z(x_i) + log p(y_i | ., z))."""
+        f, _ = self.gate.logits(self.X, theta)
+        lj = log_softmax(f, axis=1) + _log_comp(self.eta_y, self.y, self.m, eps, self.C)
+        return float(logsumexp(lj, axis=1).sum()) - self.penalty(theta), lj
+
+    def eps_step(self, R: np.ndarray) -> np.ndarray:
+        """M-step for eps (closed form): ``eps_h = sum_i r_ih [y_i != m_hi] / sum_i r_ih``."""
+        disagree = (self.m != self.y[None, :]).T  # [N, H]
+        eps = (R[:, 1:] * disagree).sum(0) / np.maximum(R[:, 1:].sum(0), _TINY)
+        return np.clip(eps, _TINY, 1.0 - _TINY)
+
+    def gate_step(self, R: np.ndarray, m_steps: int) -> None:
+        """M-step for the gate: L-BFGS on ``(-Q(theta) + l2/2 |theta|^2) / N``, kept only if it
+        did not increase."""
+
+        def fun(theta: np.ndarray, R: np.ndarray) -> tuple[float, np.ndarray]:
+            q, g = self.gate.q_and_grad(theta, self.X, R)
+            return (-q + self.penalty(theta)) / self.N, (-g + self.l2 * theta) / self.N
+
+        f0 = fun(self.gate.theta, R)[0]
+        res = minimize(
+            fun, self.gate.theta, args=(R,), jac=True, method="L-BFGS-B",
+            options={"maxiter": m_steps},
+        )  # fmt: skip
+        if np.isfinite(res.fun) and res.fun <= f0:
+            self.gate.theta = np.asarray(res.x, dtype=np.float64)
 
 
 def em_diagnostics(

@@ -25,11 +25,12 @@ rejections: e.g. the sensitivity reached is ``p + (1 - p) P(s < gamma | err)``.
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
 
-__all__ = ["MODES", "batch_rate", "sag_gamma", "sag_stream"]
+__all__ = ["MODES", "SAGReplay", "batch_rate", "sag_gamma", "sag_stream"]
 
 MODES = ("sensitivity", "specificity", "success")
 
@@ -132,6 +133,24 @@ def _jl(x: Any) -> list:
     return [float(v) if math.isfinite(v) else None for v in np.asarray(x, dtype=np.float64)]
 
 
+@dataclass(frozen=True)
+class SAGReplay:
+    """How :func:`sag_stream` replays the stream.
+
+    ``order`` (indices): the stream order (default: as stored). ``feedback``: ``"all"`` (every
+    sample is labelled, weight 1) or ``"rejected"`` (only rejected samples are, inverse-propensity
+    weighted; see the module docstring). ``gamma0``: the threshold before the first update
+    (default +inf: query everything). ``warmup_batches``: batches left out of the
+    ``post_warmup_*`` summaries (default ``ceil(window / batch_size)``, the batches needed to fill
+    the window).
+    """
+
+    order: Any = None
+    feedback: str = "all"
+    gamma0: float = math.inf
+    warmup_batches: int | None = None
+
+
 def sag_stream(
     score: Any,
     correct: Any,
@@ -141,22 +160,16 @@ def sag_stream(
     batch_size: int,
     p_rand: float = 0.0,
     seed: int = 0,
-    warmup_batches: int | None = None,
     *,
-    order: Any = None,
-    feedback: str = "all",
-    gamma0: float = math.inf,
+    replay: SAGReplay = SAGReplay(),
 ) -> dict[str, Any]:
     """Replay a stream in batches with SAG: gamma before each batch, update after it.
 
-    ``order`` (indices) gives the stream order (default: as stored). Before batch b the current
-    gamma is applied: accept iff ``s >= gamma`` and the sample was not randomly rejected
-    (probability ``p_rand``). After the batch its labelled samples (all of them, or only the
-    rejected ones with ``feedback="rejected"``, inverse-propensity weighted; see the module
-    docstring) join a window holding the last ``window`` labelled samples and gamma is re-solved
-    on it with :func:`sag_gamma`. ``gamma0`` (default +inf: query everything) is used until the
-    first update. ``warmup_batches`` (default ``ceil(window / batch_size)``, the batches needed
-    to fill the window) are left out of the ``post_warmup_*`` summaries.
+    Before batch b the current gamma is applied: accept iff ``s >= gamma`` and the sample was not
+    randomly rejected (probability ``p_rand``). After the batch its labelled samples (all of them,
+    or only the rejected ones with ``replay.feedback="rejected"``) join a window holding the last
+    ``window`` labelled samples and gamma is re-solved on it with :func:`sag_gamma`; ``replay``
+    (:class:`SAGReplay`) also sets the order, gamma0 and the warm-up.
 
     Returns a JSON-friendly dict: per batch ``batch_end`` (samples seen), ``gamma`` (the
     threshold applied, None = +-inf), ``rate`` (the mode's rate on that batch, None if
@@ -164,10 +177,51 @@ def sag_stream(
     start); summaries ``post_warmup_rate`` (pooled after warm-up), ``post_warmup_coverage``,
     ``post_warmup_mean_abs_dev`` (mean over batches of |rate - target|), and the settings.
     """
+    s_all, c_all = _stream_inputs(score, correct, mode, window, batch_size, p_rand, replay)
+    idx = np.arange(s_all.size) if replay.order is None else np.asarray(replay.order, np.int64)
+    warmup = replay.warmup_batches
+    if warmup is None:
+        warmup = int(math.ceil(window / batch_size))
+    rng = np.random.default_rng(seed)
+    win = _Window(window)
+    log = _BatchLog(mode, warmup)
+    gamma = float(replay.gamma0)
+    for b in range(int(math.ceil(idx.size / batch_size))):
+        sl = idx[b * batch_size : (b + 1) * batch_size]
+        s, c = s_all[sl], c_all[sl]
+        rand_rej = rng.random(s.size) < p_rand
+        above = s >= gamma
+        accept = above & ~rand_rej
+        log.add(b, gamma, accept, c, int(min((b + 1) * batch_size, idx.size)))
+        # feedback -> window -> new gamma
+        if replay.feedback == "all":
+            win.push(s, c, np.ones(s.size))
+        else:
+            lab = ~accept
+            win.push(s[lab], c[lab], np.where(above, 1.0 / p_rand, 1.0)[lab])
+        new = sag_gamma(win.s, win.c, mode, target, p_rand, win.w)
+        if new is not None:
+            gamma = new
+    settings = {"mode": mode, "target": float(target), "p_rand": float(p_rand),
+                "window": int(window), "batch_size": int(batch_size),
+                "warmup_batches": int(warmup), "feedback": replay.feedback, "n": int(idx.size)}  # fmt: skip
+    return {**settings, **log.summary(target)}
+
+
+def _stream_inputs(
+    score: Any,
+    correct: Any,
+    mode: str,
+    window: int,
+    batch_size: int,
+    p_rand: float,
+    replay: SAGReplay,
+) -> tuple[np.ndarray, np.ndarray]:
+    """(s [N] float64, correct [N] bool), after checking the mode and the stream settings."""
     _check_mode(mode)
-    if feedback not in ("all", "rejected"):
-        raise ValueError(f"feedback must be 'all' or 'rejected', got {feedback!r}")
-    if feedback == "rejected" and p_rand <= 0.0:
+    if replay.feedback not in ("all", "rejected"):
+        raise ValueError(f"feedback must be 'all' or 'rejected', got {replay.feedback!r}")
+    if replay.feedback == "rejected" and p_rand <= 0.0:
         raise ValueError("feedback='rejected' needs p_rand > 0 (no label above gamma otherwise)")
     if window < 1 or batch_size < 1:
         raise ValueError("window and batch_size must be >= 1")
@@ -175,66 +229,60 @@ def sag_stream(
     c_all = np.asarray(correct).reshape(-1).astype(bool)
     if s_all.shape != c_all.shape:
         raise ValueError("score and correct must have the same length")
-    idx = np.arange(s_all.size) if order is None else np.asarray(order, dtype=np.int64)
-    rng = np.random.default_rng(seed)
-    n_batches = int(math.ceil(idx.size / batch_size))
-    if warmup_batches is None:
-        warmup_batches = int(math.ceil(window / batch_size))
+    return s_all, c_all
 
-    win_s = np.empty(0)
-    win_c = np.empty(0, dtype=bool)
-    win_w = np.empty(0)
-    gamma = float(gamma0)
-    gammas, rates, covs, cums, ends = [], [], [], [], []
-    num = den = 0.0
-    pw_num = pw_den = pw_acc = pw_n = 0.0
-    for b in range(n_batches):
-        sl = idx[b * batch_size : (b + 1) * batch_size]
-        s, c = s_all[sl], c_all[sl]
-        rand_rej = rng.random(s.size) < p_rand
-        above = s >= gamma
-        accept = above & ~rand_rej
-        gammas.append(gamma)
-        rates.append(batch_rate(accept, c, mode))
-        covs.append(float(accept.mean()) if s.size else math.nan)
-        k_num, k_den = _counts(accept, c, mode)
-        num, den = num + k_num, den + k_den
-        cums.append(num / den if den else math.nan)
-        ends.append(int(min((b + 1) * batch_size, idx.size)))
-        if b >= warmup_batches:
-            pw_num, pw_den = pw_num + k_num, pw_den + k_den
-            pw_acc, pw_n = pw_acc + accept.sum(), pw_n + s.size
-        # feedback -> window -> new gamma
-        if feedback == "all":
-            lab, wt = np.ones(s.size, dtype=bool), np.ones(s.size)
-        else:
-            lab = ~accept
-            wt = np.where(above, 1.0 / p_rand, 1.0)
-        win_s = np.concatenate([win_s, s[lab]])[-window:]
-        win_c = np.concatenate([win_c, c[lab]])[-window:]
-        win_w = np.concatenate([win_w, wt[lab]])[-window:]
-        new = sag_gamma(win_s, win_c, mode, target, p_rand, win_w)
-        if new is not None:
-            gamma = new
 
-    r = np.asarray(rates, dtype=np.float64)[warmup_batches:]
-    return {
-        "mode": mode,
-        "target": float(target),
-        "p_rand": float(p_rand),
-        "window": int(window),
-        "batch_size": int(batch_size),
-        "warmup_batches": int(warmup_batches),
-        "feedback": feedback,
-        "n": int(idx.size),
-        "batch_end": ends,
-        "gamma": _jl(gammas),
-        "rate": _jl(rates),
-        "coverage": _jl(covs),
-        "cumulative_rate": _jl(cums),
-        "post_warmup_rate": pw_num / pw_den if pw_den else None,
-        "post_warmup_coverage": pw_acc / pw_n if pw_n else None,
-        "post_warmup_mean_abs_dev": (
-            float(np.nanmean(np.abs(r - target))) if np.isfinite(r).any() else None
-        ),
-    }
+class _Window:
+    """The last ``size`` labelled samples: score ``s``, correct ``c``, weight ``w`` = 1 / P(labelled)."""
+
+    def __init__(self, size: int):
+        self.size = size
+        self.s = np.empty(0)
+        self.c = np.empty(0, dtype=bool)
+        self.w = np.empty(0)
+
+    def push(self, s: np.ndarray, c: np.ndarray, w: np.ndarray) -> None:
+        self.s = np.concatenate([self.s, s])[-self.size :]
+        self.c = np.concatenate([self.c, c])[-self.size :]
+        self.w = np.concatenate([self.w, w])[-self.size :]
+
+
+class _BatchLog:
+    """Per-batch gamma / rate / coverage / cumulative rate, and the pooled post-warm-up counts."""
+
+    def __init__(self, mode: str, warmup: int):
+        self.mode, self.warmup = mode, warmup
+        self.gammas: list[float] = []
+        self.rates: list[float] = []
+        self.covs: list[float] = []
+        self.cums: list[float] = []
+        self.ends: list[int] = []
+        self.num = self.den = 0.0
+        self.pw_num = self.pw_den = self.pw_acc = self.pw_n = 0.0
+
+    def add(self, b: int, gamma: float, accept: np.ndarray, c: np.ndarray, end: int) -> None:
+        self.gammas.append(gamma)
+        self.rates.append(batch_rate(accept, c, self.mode))
+        self.covs.append(float(accept.mean()) if accept.size else math.nan)
+        k_num, k_den = _counts(accept, c, self.mode)
+        self.num, self.den = self.num + k_num, self.den + k_den
+        self.cums.append(self.num / self.den if self.den else math.nan)
+        self.ends.append(end)
+        if b >= self.warmup:
+            self.pw_num, self.pw_den = self.pw_num + k_num, self.pw_den + k_den
+            self.pw_acc, self.pw_n = self.pw_acc + accept.sum(), self.pw_n + accept.size
+
+    def summary(self, target: float) -> dict[str, Any]:
+        r = np.asarray(self.rates, dtype=np.float64)[self.warmup :]
+        return {
+            "batch_end": self.ends,
+            "gamma": _jl(self.gammas),
+            "rate": _jl(self.rates),
+            "coverage": _jl(self.covs),
+            "cumulative_rate": _jl(self.cums),
+            "post_warmup_rate": self.pw_num / self.pw_den if self.pw_den else None,
+            "post_warmup_coverage": self.pw_acc / self.pw_n if self.pw_n else None,
+            "post_warmup_mean_abs_dev": (
+                float(np.nanmean(np.abs(r - target))) if np.isfinite(r).any() else None
+            ),
+        }

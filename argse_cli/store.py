@@ -832,6 +832,21 @@ class Artifact:
             raise
 
 
+def _check_writer_key(
+    stage: str, key: str, version: int, config: dict, upstream: dict, extra: dict
+) -> None:
+    """The writer's ``key`` must be ``compute_key`` of its stage, version, config, upstream, extra."""
+    try:
+        want = compute_key(stage, version, config, upstream, extra)
+    except (ValueError, TypeError) as e:
+        raise IntegrityError("key", f"cannot compute the key of {stage} ({e})", "report this bug") from None
+    if want != key:
+        raise IntegrityError(
+            "key", f"{stage} writer called with key {key[:12]}, its config hashes to {want[:12]}",
+            "report this bug (the key must be compute_key of the writer's arguments)",
+        )  # fmt: skip
+
+
 class Store:
     """The artifact store rooted at ``root`` (``--store`` / ``ARGSE_STORE`` / ``./artifacts``)."""
 
@@ -1109,37 +1124,8 @@ class Store:
         _check_stage(stage)
         base = self.root / stage
         extra = extra or {}
-        try:
-            want = compute_key(stage, version, config, upstream, extra)
-        except (ValueError, TypeError) as e:
-            raise IntegrityError("key", f"cannot compute the key of {stage} ({e})", "report this bug") from None
-        if want != key:
-            raise IntegrityError(
-                "key", f"{stage} writer called with key {key[:12]}, its config hashes to {want[:12]}",
-                "report this bug (the key must be compute_key of the writer's arguments)",
-            )  # fmt: skip
-        tmp: Path | None = None
-        try:
-            base.mkdir(parents=True, exist_ok=True)
-            if resumable:
-                tmp = self.pending_dir(stage, key)
-                resumed, prev = self._start_pending(tmp)
-            else:
-                # the host tag in the name lets gc attribute a temp dir whose writer was killed
-                # before writer.json was written (a shared store may be used from several hosts)
-                tmp = base / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}-h{_host_tag()}"
-                tmp.mkdir(parents=True)  # parents: the stage dir may have been pruned meanwhile
-                resumed, prev = False, {}
-            started = time.time()
-            info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started,
-                    "resumable": resumable}  # fmt: skip
-            (tmp / "writer.json").write_text(json.dumps(info))
-        except OSError as e:
-            if tmp is not None and not resumable:
-                shutil.rmtree(tmp, ignore_errors=True)
-            if place_errno(e) is None:
-                raise
-            raise place_error(e, "--store", tmp or base) from None
+        _check_writer_key(stage, key, version, config, upstream, extra)
+        tmp, resumed, prev, started = self._open_temp(base, stage, key, resumable)
         w = Writer(tmp, resumable=resumable, resumed=resumed)
         t0 = time.time()
         try:
@@ -1166,33 +1152,8 @@ class Store:
                 "meta": w.meta,
                 **sums,
             }
-            raw = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode()
-            (tmp / MANIFEST).write_bytes(raw)
-            # writer.json stays until the rename: a writer killed in the last instants (marker
-            # written, not yet renamed) still leaves a temp dir that gc can attribute and remove
-            with open(tmp / MARKER, "w") as fh:
-                fh.write(seal_text(key, raw))
-                fh.flush()
-                os.fsync(fh.fileno())
-            _fsync_dir(tmp)
-            check = self._inspect_path(stage, key, tmp)  # exactly what every reader will check
-            if check.state != "complete":
-                raise IntegrityError(f"{stage}/{key[:12]}", f"refusing to publish: {check.reason}",
-                                     "report this bug")  # fmt: skip
-            # scratch is never published: moved out (atomically) just before the rename
-            trash = None
-            if (tmp / SCRATCH).exists():
-                trash = base / f"{TRASH_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
-                os.rename(tmp / SCRATCH, trash)
-            w.published = self._publish(tmp, stage, key, replace)
-            if w.published:
-                with contextlib.suppress(OSError):
-                    (self.dir(stage, key) / "writer.json").unlink()
-            else:  # a concurrent finisher won: a cache hit
-                shutil.rmtree(tmp, ignore_errors=True)
-            if trash is not None:
-                shutil.rmtree(trash, ignore_errors=True)
-            _fsync_dir(base)
+            self._seal(tmp, stage, key, manifest)
+            w.published = self._publish_sealed(tmp, base, stage, key, replace)
         except BaseException as e:
             w._close_metrics()
             place = place_errno(e)
@@ -1204,6 +1165,72 @@ class Store:
             if place is not None:
                 raise place_error(place, "--store", tmp, needed, w.bytes_given, free) from None
             raise
+
+    def _open_temp(
+        self, base: Path, stage: str, key: str, resumable: bool
+    ) -> tuple[Path, bool, dict, float]:
+        """The writer's dir with its ``writer.json``: (dir, resumed, previous writer.json, start
+        time). A fresh ``.tmp-<key>-<pid>-<rand>-h<host>`` dir, or the pending dir when
+        ``resumable``. A full / read-only / missing store is a one-line place error."""
+        tmp: Path | None = None
+        try:
+            base.mkdir(parents=True, exist_ok=True)
+            if resumable:
+                tmp = self.pending_dir(stage, key)
+                resumed, prev = self._start_pending(tmp)
+            else:
+                # the host tag in the name lets gc attribute a temp dir whose writer was killed
+                # before writer.json was written (a shared store may be used from several hosts)
+                tmp = base / f".tmp-{key}-{os.getpid()}-{uuid.uuid4().hex[:8]}-h{_host_tag()}"
+                tmp.mkdir(parents=True)  # parents: the stage dir may have been pruned meanwhile
+                resumed, prev = False, {}
+            started = time.time()
+            info = {"pid": os.getpid(), "host": socket.gethostname(), "started": started,
+                    "resumable": resumable}  # fmt: skip
+            (tmp / "writer.json").write_text(json.dumps(info))
+        except OSError as e:
+            if tmp is not None and not resumable:
+                shutil.rmtree(tmp, ignore_errors=True)
+            if place_errno(e) is None:
+                raise
+            raise place_error(e, "--store", tmp or base) from None
+        return tmp, resumed, prev, started
+
+    def _seal(self, tmp: Path, stage: str, key: str, manifest: dict) -> None:
+        """Write the manifest and the fsynced marker sealing it, then check ``tmp`` exactly as
+        every reader will (refuse to publish what a reader would not accept)."""
+        raw = json.dumps(manifest, indent=2, sort_keys=True, allow_nan=False).encode()
+        (tmp / MANIFEST).write_bytes(raw)
+        # writer.json stays until the rename: a writer killed in the last instants (marker
+        # written, not yet renamed) still leaves a temp dir that gc can attribute and remove
+        with open(tmp / MARKER, "w") as fh:
+            fh.write(seal_text(key, raw))
+            fh.flush()
+            os.fsync(fh.fileno())
+        _fsync_dir(tmp)
+        check = self._inspect_path(stage, key, tmp)
+        if check.state != "complete":
+            raise IntegrityError(f"{stage}/{key[:12]}", f"refusing to publish: {check.reason}",
+                                 "report this bug")  # fmt: skip
+
+    def _publish_sealed(self, tmp: Path, base: Path, stage: str, key: str, replace: bool) -> bool:
+        """Publish the sealed ``tmp`` (:meth:`_publish`) without its ``scratch/``; True if this
+        call published it, False on a cache hit (``tmp`` is then removed)."""
+        # scratch is never published: moved out (atomically) just before the rename
+        trash = None
+        if (tmp / SCRATCH).exists():
+            trash = base / f"{TRASH_PREFIX}{key}-{uuid.uuid4().hex[:8]}"
+            os.rename(tmp / SCRATCH, trash)
+        published = self._publish(tmp, stage, key, replace)
+        if published:
+            with contextlib.suppress(OSError):
+                (self.dir(stage, key) / "writer.json").unlink()
+        else:  # a concurrent finisher won: a cache hit
+            shutil.rmtree(tmp, ignore_errors=True)
+        if trash is not None:
+            shutil.rmtree(trash, ignore_errors=True)
+        _fsync_dir(base)
+        return published
 
     def _publish(self, tmp: Path, stage: str, key: str, replace: bool) -> bool:
         """Rename the sealed ``tmp`` to ``<key>``: True if this call published it, False if a

@@ -1,4 +1,5 @@
-"""Shared fixtures: synthetic / offline CIFAR-10, a store root, a CLI runner, the gpu-marker skip."""
+"""Shared fixtures: synthetic / offline CIFAR-10, a store root, a CLI runner, the session's tiny
+pipeline (tests/_tiny.py), the gpu-marker skip."""
 
 from __future__ import annotations
 
@@ -7,9 +8,13 @@ import subprocess
 import sys
 from collections.abc import Callable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import pytest
 from hypothesis import settings
+
+if TYPE_CHECKING:
+    from _tiny import Tiny
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -112,6 +117,16 @@ def argse(store_root, synthetic_cifar10) -> Callable[..., subprocess.CompletedPr
         return run_cli(args, env={**base, **(env or {})}, **kw)
 
     return _run
+
+
+@pytest.fixture(scope="session")
+def tiny_pipe(tmp_path_factory) -> Callable[..., Tiny]:
+    """``tiny_pipe(*stages)``: the session's tiny pipeline (tests/_tiny.py) with ``stages`` and
+    what they need built (each stage once per session, later calls are cache hits)."""
+    from _tiny import tiny_pipeline
+
+    base = tmp_path_factory.getbasetemp()
+    return lambda *stages: tiny_pipeline(base, stages)
 
 
 @pytest.hookimpl(trylast=True)

@@ -14,7 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
-from test_import_logits import write_logits
+from _logit_files import write_logits
 
 from argse_cli.apply import apply_files, load_rejector
 from argse_cli.config import (

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from _checks import assert_one_line_error
 from conftest import run_cli
-from test_bad_inputs import assert_one_line_error
 
 from argse_cli.errors import ArgseError
 from argse_cli.store import Store

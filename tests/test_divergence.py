@@ -15,13 +15,12 @@ import shutil
 
 import numpy as np
 import pytest
-from test_bad_inputs import assert_one_line_error, listing
-from test_kill import tiny_pipeline
+from _checks import assert_one_line_error, listing
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory, ("calibrate",))
+def tiny(tiny_pipe):
+    return tiny_pipe("calibrate")
 
 
 def test_train_expert_lr_1e6_diverges_and_publishes_nothing(tiny, tmp_path):

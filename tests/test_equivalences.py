@@ -12,7 +12,7 @@ import json
 import numpy as np
 import pytest
 import torch
-from test_import_logits import write_logits
+from _logit_files import write_logits
 
 from argse_cli.config import (
     HELDOUT_SPLITS,

@@ -492,10 +492,8 @@ def test_bad_places(mini, place, command):
 
 # ---------------------------------------------------------- slow: real stages, tiny pipeline
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    from test_kill import tiny_pipeline
-
-    return tiny_pipeline(tmp_path_factory, ("eval",))
+def tiny(tiny_pipe):
+    return tiny_pipe("eval")
 
 
 EVAL_FIELDS = {  # cheap eval overrides (n_boot is forced to 0): their boundary and bad values

@@ -19,16 +19,15 @@ from pathlib import Path
 import numpy as np
 import pytest
 import xxhash
-from test_bad_inputs import assert_one_line_error, listing
-from test_kill import tiny_pipeline
+from _checks import assert_one_line_error, listing
 
 from argse_cli.errors import IntegrityError
 from argse_cli.store import DATA, Store
 
 
 @pytest.fixture(scope="module")
-def tiny(tmp_path_factory):
-    return tiny_pipeline(tmp_path_factory, ("calibrate",))
+def tiny(tiny_pipe):
+    return tiny_pipe("calibrate")
 
 
 def _chunk_file(store: Path, stage: str, key: str, array: str, i: int) -> Path:

@@ -10,6 +10,7 @@ import pytest
 from scipy.special import softmax
 
 from argse_cli.l2d import (
+    EMSettings,
     defer_curve,
     deferral_comparison,
     em_defer,
@@ -88,7 +89,7 @@ def _synthetic(seed: int, eps_true, N=20_000, C=10):
 @pytest.mark.parametrize("eps_true", [(0.3, 0.3), (0.3, 0.1)])
 def test_em_monotone_and_recovers_noise_rates(eps_true):
     X, eta, y, m, z, gp = _synthetic(0, eps_true)
-    res = em_defer(X, eta, m, y, 10, n_iter=30, seed=0)
+    res = em_defer(X, eta, m, y, 10, seed=0, em=EMSettings(n_iter=30))
     ll = np.asarray(res.loglik)
     assert ll.size == 31
     assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[1:]))  # non-decreasing (float tolerance)
@@ -106,7 +107,7 @@ def test_em_monotone_and_recovers_noise_rates(eps_true):
 
 def test_em_mlp_gate_monotone():
     X, eta, y, m, _, _ = _synthetic(1, (0.3, 0.2), N=2_000)
-    res = em_defer(X, eta, m, y, 10, n_iter=8, gate_hidden=6, seed=0, m_steps=15)
+    res = em_defer(X, eta, m, y, 10, seed=0, em=EMSettings(n_iter=8, gate_hidden=6, m_steps=15))
     ll = np.asarray(res.loglik)
     assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[1:]))
     assert ll[-1] > ll[0]
@@ -115,7 +116,7 @@ def test_em_mlp_gate_monotone():
 
 def test_em_penalised_objective_monotone_and_tol_stops():
     X, eta, y, m, _, _ = _synthetic(2, (0.2, 0.2), N=3_000)
-    res = em_defer(X, eta, m, y, 10, n_iter=200, l2=1e-2, tol=1e-7)
+    res = em_defer(X, eta, m, y, 10, em=EMSettings(n_iter=200, l2=1e-2, tol=1e-7))
     ll = np.asarray(res.loglik)
     assert np.all(np.diff(ll) >= -1e-9 * np.abs(ll[1:]))
     assert res.converged and res.n_iter < 200
@@ -142,7 +143,7 @@ def test_defer_curve_hand_case():
 
 def test_deferral_comparison_and_plot(tmp_path):
     X, eta, y, m, _, _ = _synthetic(3, (0.3, 0.3), N=3_000)
-    res = em_defer(X, eta, m, y, 10, n_iter=10)
+    res = em_defer(X, eta, m, y, 10, em=EMSettings(n_iter=10))
     gp = res.gate.predict(X)
     margin = eta.max(1)  # a Chow-like stand-in for the AR-GSE margin
     out = deferral_comparison(gp, eta, m, y, margin, eta.argmax(1))
@@ -185,7 +186,7 @@ def test_em_diagnostics_hand_computed():
 def test_em_fit_of_independent_noisy_humans_is_flagged():
     """The eval's setting (humans = independent noisy label copies): EM's eps collapses (module
     docstring), which the diagnostics turn into a warning instead of a silent number."""
-    from argse_cli.l2d import em_defer, em_diagnostics, simulate_humans
+    from argse_cli.l2d import EMSettings, em_defer, em_diagnostics, simulate_humans
 
     rng = np.random.default_rng(0)
     C, N = 5, 600
@@ -194,6 +195,6 @@ def test_em_fit_of_independent_noisy_humans_is_flagged():
     eta[np.arange(N), y] += 0.5
     eta /= eta.sum(1, keepdims=True)
     m = simulate_humans(y, C, [0.3, 0.3], seed=1)
-    fit = em_defer(rng.normal(size=(N, 3)), eta, m, y, C, n_iter=20)
+    fit = em_defer(rng.normal(size=(N, 3)), eta, m, y, C, em=EMSettings(n_iter=20))
     d = em_diagnostics(fit.loglik, fit.eps, [0.3, 0.3])
     assert d["max_noise_gap"] > 0.05 and any("fitted human noise" in w for w in d["warnings"])

@@ -95,7 +95,7 @@ def _extras(data: dict, m: dict) -> dict:
     """Risk control, SAG and L2D sections of an eval's metrics.json, made by the real functions on
     the fake data (calib: the first half of the rows, test: the second)."""
     from argse_cli.guarantees import risk_control_report
-    from argse_cli.l2d import deferral_comparison, em_defer, simulate_humans
+    from argse_cli.l2d import EMSettings, deferral_comparison, em_defer, simulate_humans
     from argse_cli.sag import sag_stream
 
     n = len(data["y"]) // 2
@@ -107,7 +107,7 @@ def _extras(data: dict, m: dict) -> dict:
     eta = np.full((n, C), 0.02)
     eta[np.arange(n), tst["pred"]] = 0.82
     hm = simulate_humans(tst["y"], C, [0.3, 0.3], seed=0)
-    fit = em_defer(np.c_[tst["score"], eta.max(1)], eta, hm, tst["y"], C, n_iter=5)
+    fit = em_defer(np.c_[tst["score"], eta.max(1)], eta, hm, tst["y"], C, em=EMSettings(n_iter=5))
     comp = deferral_comparison(fit.gate.predict(np.c_[tst["score"], eta.max(1)]), eta, hm, tst["y"], tst["score"],
                                tst["pred"])
     l2d = {**comp, "fit": fit.to_dict(), "human_noise": [0.3, 0.3]}  # no "diagnostics": an older eval
@@ -211,7 +211,7 @@ def report_art(tmp_path_factory):
     from argse_cli.stages import run_stage
 
     store, up, st, raw = _build_store(tmp_path_factory.mktemp("store"))
-    cfg = ReportConfig(n_boot=200, band_boot=50, banner="smoke recipe: experts trained {expert_epochs} epochs; "
+    cfg = ReportConfig(n_boot=50, band_boot=50, banner="smoke recipe: experts trained {expert_epochs} epochs; "
                        "numbers are not meaningful")
     key, computed = run_stage("report", cfg, up, st, store, quiet=True)
     assert computed

@@ -17,7 +17,7 @@ import numpy as np
 import pytest
 
 from argse_cli.report.deferral_figures import plot_sag
-from argse_cli.sag import batch_rate, sag_gamma, sag_stream
+from argse_cli.sag import SAGReplay, batch_rate, sag_gamma, sag_stream
 
 TARGETS = {"sensitivity": 0.9, "specificity": 0.8, "success": 0.95}
 N, BATCH, WINDOW, ROLL = 20_000, 100, 2_000, 20
@@ -100,7 +100,8 @@ def test_batch_rate_definitions():
 def test_sag_stream_hits_target(kind, mode, feedback, p_rand, tol_roll):
     s, c = _stream(kind, seed=11)
     target = TARGETS[mode]
-    res = sag_stream(s, c, mode, target, WINDOW, BATCH, p_rand=p_rand, seed=3, feedback=feedback)
+    res = sag_stream(s, c, mode, target, WINDOW, BATCH, p_rand=p_rand, seed=3,
+                     replay=SAGReplay(feedback=feedback))
     assert res["warmup_batches"] == WINDOW // BATCH
     assert abs(res["post_warmup_rate"] - target) <= 0.03
     roll = _rolling_pooled(res, s, c)
@@ -124,7 +125,7 @@ def test_sag_stream_order_and_json(tmp_path):
     s = rng.random(3000)
     c = rng.random(3000) < s
     order = np.arange(3000)[::-1]
-    r1 = sag_stream(s, c, "success", 0.9, 500, 100, order=order)
+    r1 = sag_stream(s, c, "success", 0.9, 500, 100, replay=SAGReplay(order=order))
     r2 = sag_stream(s[::-1], c[::-1], "success", 0.9, 500, 100)
     assert r1["rate"] == r2["rate"] and r1["gamma"] == r2["gamma"]
     assert r1["gamma"][0] is None  # gamma0 = +inf (query everything) before the first update
@@ -134,6 +135,7 @@ def test_sag_stream_order_and_json(tmp_path):
     assert [p.suffix for p in paths] == [".pdf", ".png"]
     assert all(p.stat().st_size > 1000 for p in paths)
     with pytest.raises(ValueError):
-        sag_stream(s, c, "success", 0.9, 500, 100, feedback="rejected", p_rand=0.0)
+        sag_stream(s, c, "success", 0.9, 500, 100, p_rand=0.0,
+                   replay=SAGReplay(feedback="rejected"))
     with pytest.raises(ValueError):
         sag_stream(s, c, "recall", 0.9, 500, 100)

@@ -19,7 +19,7 @@ import yaml
 
 from argse_cli.store import Store
 
-EPOCHS = 5
+EPOCHS = 4  # killed once epoch 2 is checkpointed; the rerun trains the epochs left
 PIPE = {
     "split": {"dataset": "cifar10", "imbalance_factor": 10, "seed": 0},
     "train_expert": {"losses": ["balsoftmax"], "depth": 8, "epochs": EPOCHS, "warmup_epochs": 1,

@@ -11,8 +11,8 @@ import shutil
 import numpy as np
 import pytest
 import yaml
+from _checks import assert_one_line_error, foreign_import
 from conftest import invoke
-from test_bad_inputs import _foreign, assert_one_line_error
 
 from argse_cli.errors import ArgseError
 from argse_cli.pipeline import Pipeline, validate
@@ -115,10 +115,8 @@ def test_cli_set_and_option_errors_are_one_line(tmp_path):
 
 
 # ------------------------------------------------------------ experts=[5] with E = 2 experts
-def test_gate_expert_index_beyond_the_export_is_refused_before_any_work(tmp_path_factory, tmp_path):
-    from test_kill import tiny_pipeline
-
-    t = tiny_pipeline(tmp_path_factory, ("calibrate",))
+def test_gate_expert_index_beyond_the_export_is_refused_before_any_work(tiny_pipe, tmp_path):
+    t = tiny_pipe("calibrate")
     store = tmp_path / "store"
     shutil.copytree(t.store, store)
     before = sorted(p.name for p in store.rglob("*"))
@@ -174,7 +172,7 @@ def bad_imports(tmp_path_factory):
     root = tmp_path_factory.mktemp("bad_imports")
     out = {}
     for kind, (suffix, role, _) in BAD_FILES.items():
-        cfg = _foreign(root / kind)
+        cfg = foreign_import(root / kind)
         doc = json.loads(cfg.read_text())
         bad = root / kind / f"bad{suffix}"
         _bad_file(bad, kind)
@@ -185,7 +183,7 @@ def bad_imports(tmp_path_factory):
             sec["labels"]["test"] = str(bad)
         cfg.write_text(json.dumps(doc))
         out[kind] = cfg
-    counts = _foreign(root / "counts")
+    counts = foreign_import(root / "counts")
     doc = json.loads(counts.read_text())
     (root / "counts" / "big.json").write_text(json.dumps([1e30] + [5] * 9))
     doc["import_logits"]["class_counts"] = str(root / "counts" / "big.json")
@@ -239,7 +237,7 @@ def test_rehash_sees_a_data_file_changed_in_place(synthetic_cifar10, tmp_path):
 
 
 def test_import_rehash_sees_a_logits_file_changed_in_place(tmp_path):
-    cfg = _foreign(tmp_path / "imp")
+    cfg = foreign_import(tmp_path / "imp")
     env = {"ARGSE_STORE": str(tmp_path / "store")}
     k1 = invoke(["import-logits", "-c", str(cfg), "--print-key"], env=env).stdout.strip()
     res = invoke(["import-logits", "-c", str(cfg), "-q"], env=env)

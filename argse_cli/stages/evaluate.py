@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "eval"
-VERSION = 5
+VERSION = 6
 
 
 def method_name(gate_cfg: dict) -> str:

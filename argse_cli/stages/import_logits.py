@@ -36,7 +36,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE = "import-logits"
-VERSION = 5
+VERSION = 6
 
 FP16_MAX = 65504.0  # largest finite float16
 F32_MAX = 3.4028234663852886e38

@@ -39,7 +39,7 @@ from pathlib import Path
 from typing import Any
 
 STAGE = "report"
-VERSION = 7
+VERSION = 8
 
 VIEWS = ("lt", "bal")
 COMPARE_STATS = ("aurc_balanced", "aurc_worst")
