@@ -259,7 +259,8 @@ class StageRun:
         return self.p.resolve(self.stage, given)
 
     def finish(self, r: Any, **more: Any) -> str | None:
-        """Print the key or the config (--print-key / --print-config) or run the stage; the key run."""
+        """Print the key (--print-key) or the config (--print-config), or run the stage and return
+        its key."""
         if self.print_key:
             print(r.key)
         elif self.print_config:
