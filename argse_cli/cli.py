@@ -10,6 +10,7 @@ editing the file would); bad input is one ``error: <field>: <problem> -- fix: <f
 from __future__ import annotations
 
 import functools
+import inspect
 import json
 import sys
 from enum import Enum
@@ -19,6 +20,7 @@ from typing import Annotated, Any, get_args
 import typer
 
 from . import __version__
+from .dag import DAG
 from .errors import ArgseError
 
 app = typer.Typer(
@@ -89,8 +91,7 @@ Executor = _enum("Executor", ("inprocess", "local", "slurm"))
 SweepDevice = _enum("SweepDevice", ("cpu", "cuda"))
 Kind = _enum("Kind", ("balanced", "worst", "standard"))
 Format = _enum("Format", ("csv", "parquet"))
-StageName = _enum("StageName", ("split", "train-expert", "export-logits", "calibrate", "train-gate", "eval",
-                                "baselines", "report", "import-logits"))
+StageName = _enum("StageName", tuple(DAG))
 
 
 def _val(v: Any) -> Any:
@@ -183,17 +184,24 @@ def handled(fn):
     return wrapper
 
 
+# ------------------------------------------------------------------------ stage commands
+COMMON_HEAD = (("config", ConfigOpt, None), ("set_", SetOpt, None))
+COMMON_TAIL = (("store", StoreOpt, None), ("force", ForceOpt, False), ("print_config", PrintCfgOpt, False),
+               ("print_key", PrintKeyOpt, False), ("quiet", QuietOpt, False))
+INPUTS_TAIL = (("rehash", RehashOpt, False),)  # stages whose key fingerprints input files
+
+
+def _params(spec: tuple) -> list[inspect.Parameter]:
+    kind = inspect.Parameter.POSITIONAL_OR_KEYWORD
+    return [inspect.Parameter(name, kind, default=d, annotation=ann) for name, ann, d in spec]
+
+
 def _pipeline(config: Path | None, store: Path | None, dry: bool = False, rehash: bool = False):
     from .pipeline import Pipeline, load_file
     from .store import Store
 
     # dry (--print-config / --print-key): nothing may be written, not even the fingerprint memo
     return Pipeline(load_file(config), Store(store), memo=not dry, rehash=rehash)
-
-
-def _update_given(over: dict[str, Any], **opts: Any) -> None:
-    """Put the command's own options over the --set values, skipping those not given (None)."""
-    over.update({k: _val(v) for k, v in opts.items() if v is not None})
 
 
 def _sets(p: Any, stage: str, items: list[str] | None) -> dict[str, Any]:
@@ -218,28 +226,93 @@ def _sets(p: Any, stage: str, items: list[str] | None) -> dict[str, Any]:
     return own
 
 
+class StageRun:
+    """A stage command's common options and its pipeline: the pipeline file with the ``--set``
+    values of other sections applied; this stage's ``--set`` values in ``own``, under its options."""
+
+    def __init__(self, stage: str, config: Path | None = None, set_: list[str] | None = None,
+                 store: Path | None = None, force: bool = False, print_config: bool = False,
+                 print_key: bool = False, quiet: bool = False, rehash: bool = False):  # fmt: skip
+        self.stage, self.config_path, self.force, self.quiet = stage, config, force, quiet
+        self.print_config, self.print_key = print_config, print_key
+        self.dry = print_config or print_key
+        self.p = _pipeline(config, store, dry=self.dry, rehash=rehash)
+        self.own = _sets(self.p, stage, set_)
+        self._applied = False
+
+    def set(self, **opts: Any) -> None:
+        """The command's own options over the --set values, skipping those not given (None)."""
+        self.own.update({k: _val(v) for k, v in opts.items() if v is not None})
+
+    def apply(self) -> None:
+        """Put this stage's values (--set, then its options) into the pipeline, once."""
+        if not self._applied:
+            self.p.override(self.stage, self.own)
+            self._applied = True
+
+    def config(self) -> Any:
+        self.apply()
+        return self.p.config(self.stage)
+
+    def resolve(self, given: dict[str, Any] | None = None) -> Any:
+        self.config()  # bad values are refused before any upstream is looked up
+        return self.p.resolve(self.stage, given)
+
+    def finish(self, r: Any, **more: Any) -> str | None:
+        """Print the key (--print-key) or the config (--print-config), or run the stage and return
+        its key."""
+        if self.print_key:
+            print(r.key)
+        elif self.print_config:
+            doc = {"stage": self.stage, "key": r.key, "config": r.config.model_dump(mode="json"), **more}
+            print(json.dumps(doc, indent=2))
+        else:
+            return self.run(r)
+        return None
+
+    def run(self, r: Any) -> str:
+        from .stages import run_stage
+
+        return run_stage(r.stage, r.config, r.upstream, r.upstream_stages, self.p.store, force=self.force,
+                         extra=r.extra, quiet=self.quiet)[0]  # fmt: skip
+
+    def go(self, given: dict[str, Any] | None = None, **more: Any) -> str | None:
+        return self.finish(self.resolve(given), **more)
+
+
+def stage_command(stage: str) -> Any:
+    """Register ``body(run, **own options)`` as the command of ``stage``: its signature (the CLI
+    options) is the common head (--config, --set), the body's own options, then the common tail
+    (--store, --force, --print-config, --print-key, --quiet; --rehash where the stage's key
+    fingerprints input files)."""
+
+    def register(body: Any) -> Any:
+        common = (*COMMON_HEAD, *COMMON_TAIL, *(INPUTS_TAIL if DAG[stage].inputs else ()))
+        own = list(inspect.signature(body, eval_str=True).parameters.values())[1:]
+        params = [*_params(COMMON_HEAD), *own, *_params(common[len(COMMON_HEAD):])]
+
+        def command(**kw: Any) -> Any:
+            return body(StageRun(stage, **{n: kw.pop(n) for n, _, _ in common}), **kw)
+
+        command.__name__, command.__doc__ = body.__name__, body.__doc__
+        command.__signature__ = inspect.Signature(params)  # type: ignore[attr-defined]
+        command.__annotations__ = {q.name: q.annotation for q in params}
+        app.command(stage)(handled(command))
+        return body
+
+    return register
+
+
 def _cost(cost: float | None, c: float | None) -> float | None:
     if cost is not None and c is not None and cost != c:
         raise ArgseError("--cost", f"--cost {cost} and --c {c} disagree", "pass --cost only (--c is its old name)")
     return cost if cost is not None else c
 
 
-def _emit(stage: str, cfg: Any, key: str, print_config: bool, print_key: bool, **more: Any) -> bool:
-    if print_key:
-        print(key)
-        return True
-    if print_config:
-        print(json.dumps({"stage": stage, "key": key, "config": cfg.model_dump(mode="json"), **more}, indent=2))
-        return True
-    return False
-
-
 # --------------------------------------------------------------------------------- split
-@app.command()
-@handled
+@stage_command("split")
 def split(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    run: StageRun,
     dataset: Annotated[Dataset | None, typer.Option(help=H("dataset", "split", "dataset"))] = None,
     imbalance_factor: Annotated[float | None, typer.Option("--imbalance-factor", help=H(
         "imbalance factor IF = n_max / n_min of the long-tailed profile (>= 1)", "split", "imbalance_factor"))] = None,
@@ -259,37 +332,20 @@ def split(
         "folder holding cifar-10-batches-py/ or cifar-100-python/", default="./data"))] = None,
     download: Annotated[bool | None, typer.Option("--download/--no-download", help=H(
         "allow a torchvision download when the files are missing", "split", "download"))] = None,
-    store: StoreOpt = None,
-    force: ForceOpt = False,
-    print_config: PrintCfgOpt = False,
-    print_key: PrintKeyOpt = False,
-    quiet: QuietOpt = False,
-    rehash: RehashOpt = False,
 ) -> None:
     """Long-tailed subset, class->group map and leak-free splits of CIFAR-10/100."""
     import warnings
 
     warnings.filterwarnings("default", message=".*MD5 differs.*")  # shown here, once (see main)
-    p = _pipeline(config, store, dry=print_config or print_key, rehash=rehash)
-    over: dict[str, Any] = _sets(p, "split", set_)
-    _update_given(over, dataset=dataset, imbalance_factor=imbalance_factor, seed=seed, protocol=protocol,
-                  group_rule=group_rule, download=download,
-                  data_root=str(data_root) if data_root else None)
+    run.set(dataset=dataset, imbalance_factor=imbalance_factor, seed=seed, protocol=protocol,
+            group_rule=group_rule, download=download, data_root=str(data_root) if data_root else None)
     if fractions is not None:
-        over["fractions"] = _parse_fractions(fractions, _val(protocol) or p.raw("split").get("protocol", "paper"))
-    p.override("split", over)
-    cfg = p.config("split")
-    extra = p.split_extra()
-    from .stages import key_of, run_stage
-
-    key = key_of("split", cfg, {}, extra)
-    if _emit("split", cfg, key, print_config, print_key):
-        return
-    key, _ = run_stage("split", cfg, {}, {}, p.store, force=force, extra=extra, quiet=quiet)
-    if not quiet:
+        run.own["fractions"] = _parse_fractions(fractions, _val(protocol) or run.p.raw("split").get("protocol", "paper"))
+    key = run.go()
+    if key is not None and not run.quiet:
         from .stages.split import print_table
 
-        print_table(p.store.open("split", key))
+        print_table(run.p.store.open("split", key))
 
 
 def _parse_ints(text: str, field: str) -> list[int]:
@@ -314,11 +370,9 @@ def _parse_fractions(text: str, protocol: str) -> dict[str, float]:
 
 
 # ------------------------------------------------------------------------- train-expert
-@app.command("train-expert")
-@handled
+@stage_command("train-expert")
 def train_expert(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    run: StageRun,
     loss: Annotated[list[str] | None, typer.Option(parser=_loss, metavar="LOSS", help=H(
         f"expert loss, repeatable: {LOSSES} (TAU a number, e.g. logitadjust:2)",
         default="ce, balsoftmax, logitadjust:2, decoupled"))] = None,
@@ -341,111 +395,62 @@ def train_expert(
         "torch.compile the model (CUDA)", "train-expert", "compile"))] = None,
     seed: Annotated[int | None, typer.Option(help=H("seed of the initialisation and the batch order",
                                                     "train-expert", "seed"))] = None,
-    store: StoreOpt = None,
-    force: ForceOpt = False,
-    print_config: PrintCfgOpt = False,
-    print_key: PrintKeyOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """Train experts on the split's long-tailed train set: one cached artifact per loss, or with
     --shared-backbone one artifact holding the backbone and a head per loss (+ the cRT head's).
 
     --print-config prints one JSON document listing every expert; --print-key one key per line."""
-    from .stages import run_stage
-
-    p = _pipeline(config, store, dry=print_config or print_key)
-    over = _sets(p, "train-expert", set_)
-    _update_given(over, depth=int(depth.value) if depth is not None else None, width=width,
-                  shared_backbone=shared_backbone, epochs=epochs, batch_size=batch_size, lr=lr, aug=aug,
-                  device=device, precision=precision, compile=compile_, seed=seed)  # fmt: skip
-    if loss:
-        over["losses"] = loss
-    p.override("train-expert", over)
-    docs = []
-    for cfg, up, st, key in p.expert_runs():
-        if print_key:
-            print(key)
-        elif print_config:
-            docs.append({"loss": cfg.loss, "heads": cfg.heads, "key": key,
-                         "config": cfg.model_dump(mode="json")})
-        else:
-            run_stage("train-expert", cfg, up, st, p.store, force=force, quiet=quiet)
-    if print_config and not print_key:
-        print(json.dumps({"stage": "train-expert", "experts": docs}, indent=2))
+    run.set(depth=int(depth.value) if depth is not None else None, width=width, shared_backbone=shared_backbone,
+            epochs=epochs, batch_size=batch_size, lr=lr, aug=aug, device=device, precision=precision,
+            compile=compile_, seed=seed, losses=loss or None)  # fmt: skip
+    run.apply()
+    experts = run.p.experts()
+    if run.print_key or run.print_config:
+        docs = [{"loss": r.config.loss, "heads": r.config.heads, "key": r.key,
+                 "config": r.config.model_dump(mode="json")} for r in experts]  # fmt: skip
+        print("\n".join(r.key for r in experts) if run.print_key
+              else json.dumps({"stage": "train-expert", "experts": docs}, indent=2))  # fmt: skip
+        return
+    for r in experts:
+        run.run(r)
 
 
 # ------------------------------------------------------------------------ export-logits
-@app.command("export-logits")
-@handled
+@stage_command("export-logits")
 def export_logits(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    run: StageRun,
     chunk_rows: Annotated[int | None, typer.Option("--chunk-rows", help=H("rows per Zarr chunk", "export-logits",
                                                                           "chunk_rows"))] = None,
     include_train: Annotated[bool | None, typer.Option("--include-train/--no-include-train", help=H(
         "also export the logits of the experts' training split", "export-logits", "include_train"))] = None,
     loss: Annotated[list[str] | None, typer.Option(parser=_loss, metavar="LOSS", help=H(
         f"experts to export, repeatable: {LOSSES}", default="the train_expert section's losses"))] = None,
-    store: StoreOpt = None,
-    force: ForceOpt = False,
-    print_config: PrintCfgOpt = False,
-    print_key: PrintKeyOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """Export every expert's raw fp16 logits on the held-out splits (row-chunked Zarr)."""
-    from .stages import key_of, run_stage
-
-    p = _pipeline(config, store, dry=print_config or print_key)
-    over = _sets(p, "export-logits", set_)
-    _update_given(over, chunk_rows=chunk_rows, include_train=include_train)
-    p.override("export-logits", over)
+    run.set(chunk_rows=chunk_rows, include_train=include_train)
     if loss:
-        p.override("train-expert", {"losses": loss})
-    cfg = p.config("export-logits")
-    up, st = p.export_upstream()
-    key = key_of("export-logits", cfg, up)
-    if _emit("export-logits", cfg, key, print_config, print_key):
-        return
-    run_stage("export-logits", cfg, up, st, p.store, force=force, quiet=quiet)
+        run.p.override("train-expert", {"losses": loss})
+    run.go()
 
 
 # ---------------------------------------------------------------------------- calibrate
-@app.command()
-@handled
+@stage_command("calibrate")
 def calibrate(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    run: StageRun,
     view: Annotated[View | None, typer.Option(help=H("target view of the NLL weights (lt: long-tailed, bal: "
                                                      "balanced)", "calibrate", "view"))] = None,
     posterior: Annotated[Posterior | None, typer.Option(help=H(
         "train: put every expert on the training prior; balanced: ablation", "calibrate", "posterior"))] = None,
-    store: StoreOpt = None,
-    force: ForceOpt = False,
-    print_config: PrintCfgOpt = False,
-    print_key: PrintKeyOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """Fit one temperature per expert on val_small; report NLL/ECE before and after."""
-    from .stages import key_of, run_stage
-
-    p = _pipeline(config, store, dry=print_config or print_key)
-    over = _sets(p, "calibrate", set_)
-    _update_given(over, view=view, posterior=posterior)
-    p.override("calibrate", over)
-    cfg = p.config("calibrate")
-    up, st = p.calibrate_upstream()
-    key = key_of("calibrate", cfg, up)
-    if _emit("calibrate", cfg, key, print_config, print_key):
-        return
-    run_stage("calibrate", cfg, up, st, p.store, force=force, quiet=quiet)
+    run.set(view=view, posterior=posterior)
+    run.go()
 
 
 # --------------------------------------------------------------------------- train-gate
-@app.command("train-gate")
-@handled
+@stage_command("train-gate")
 def train_gate(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    run: StageRun,
     beta: Annotated[Beta | None, typer.Option(help=H("balanced: Algorithm 1; worst: Algorithm 2", "train-gate",
                                                      "beta"))] = None,
     xi: Annotated[float | None, typer.Option(help=H("exponentiated-gradient step of Algorithm 2 (--beta worst "
@@ -461,30 +466,17 @@ def train_gate(
         "--uniform-gate freezes the gate at w = 1/E (ablation: nothing is trained)", default="--learned-gate"))] = None,
     hard_routing: Annotated[bool | None, typer.Option("--hard-routing/--soft-routing", help=H(
         "top-1 routing (straight-through) instead of the soft mixture", default="--soft-routing"))] = None,
-    store: StoreOpt = None,
-    force: ForceOpt = False,
-    print_config: PrintCfgOpt = False,
-    print_key: PrintKeyOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """Train the gating network and fit its plug-in rule (alpha, mu) at every coverage."""
-    from .stages import key_of, run_stage
-
-    p = _pipeline(config, store, dry=print_config or print_key)
-    over = _sets(p, "train-gate", set_)
-    _update_given(over, beta=beta, xi=xi, c=_cost(cost, c), epochs=epochs, seed=seed, view=view,
-                  uniform_gate=uniform_gate, hard_routing=hard_routing)
-    p.override("train-gate", over)
-    cfg = p.config("train-gate")
-    up, st = p.gate_upstream()
-    if cfg.experts is not None and p.store.exists(st["export"], up["export"]):
-        num = p.store.open(st["export"], up["export"]).meta.get("num_experts")
+    run.set(beta=beta, xi=xi, c=_cost(cost, c), epochs=epochs, seed=seed, view=view, uniform_gate=uniform_gate,
+            hard_routing=hard_routing)  # fmt: skip
+    r = run.resolve()
+    export = (r.upstream_stages["export"], r.upstream["export"])
+    if r.config.experts is not None and run.p.store.exists(*export):
+        num = run.p.store.open(*export).meta.get("num_experts")
         if isinstance(num, int):
-            cfg.check_experts(num)  # experts=[5] with E = 4: refused before any work
-    key = key_of("train-gate", cfg, up)
-    if _emit("train-gate", cfg, key, print_config, print_key):
-        return
-    run_stage("train-gate", cfg, up, st, p.store, force=force, quiet=quiet)
+            r.config.check_experts(num)  # experts=[5] with E = 4: refused before any work
+    run.finish(r)
 
 
 def _gate_key(p: Any, gate: str | None, dry: bool) -> tuple[str, bool]:
@@ -508,12 +500,18 @@ def _missing_gate_note(gkey: str, trained: bool) -> dict[str, Any]:
     return {"gate": {"key": gkey, "trained": trained}}
 
 
+def _on_gate(run: StageRun, gate: str | None) -> None:
+    """Run (or print) a stage reading the gate of --gate or of the pipeline file (eval, baselines)."""
+    run.config()
+    gkey, trained = _gate_key(run.p, gate, run.dry)
+    r = run.resolve({"gate": gkey})
+    run.finish(r, **(_missing_gate_note(gkey, trained) if run.print_config and not run.print_key else {}))
+
+
 # --------------------------------------------------------------------------------- eval
-@app.command("eval")
-@handled
+@stage_command("eval")
 def eval_(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    run: StageRun,
     gate: Annotated[str | None, typer.Option(help=H("train-gate key or unique prefix",
                                                     default="the pipeline file's train_gate"))] = None,
     n_boot: Annotated[int | None, typer.Option("--n-boot", help=H("bootstrap resamples of the CIs (0: none)",
@@ -533,38 +531,18 @@ def eval_(
                                                                             "sag_target"))] = None,
     l2d: Annotated[bool | None, typer.Option("--l2d/--no-l2d", help=H(
         "learning to defer to simulated humans by EM, compared with AR-GSE's rejection", "eval", "l2d"))] = None,
-    store: StoreOpt = None,
-    force: ForceOpt = False,
-    print_config: PrintCfgOpt = False,
-    print_key: PrintKeyOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """Risk-coverage metrics of a trained gate on test (refit and sweep views, bootstrap CIs), and
     optionally risk-controlled thresholds, SAG and learning to defer."""
-    from .stages import key_of, run_stage
-
-    dry = print_config or print_key
-    p = _pipeline(config, store, dry=dry)
-    over = _sets(p, "eval", set_)
-    _update_given(over, n_boot=n_boot, seed=seed, target_risk=target_risk, delta=delta,
-                  conformal_epsilon=conformal_epsilon, sag_mode=sag_mode, sag_target=sag_target, l2d=l2d)
-    p.override("eval", over)
-    cfg = p.config("eval")
-    gkey, trained = _gate_key(p, gate, dry)
-    up, st = {"gate": gkey}, {"gate": "train-gate"}
-    key = key_of("eval", cfg, up)
-    if _emit("eval", cfg, key, print_config, print_key,
-             **(_missing_gate_note(gkey, trained) if print_config and not print_key else {})):
-        return
-    run_stage("eval", cfg, up, st, p.store, force=force, quiet=quiet)
+    run.set(n_boot=n_boot, seed=seed, target_risk=target_risk, delta=delta, conformal_epsilon=conformal_epsilon,
+            sag_mode=sag_mode, sag_target=sag_target, l2d=l2d)  # fmt: skip
+    _on_gate(run, gate)
 
 
 # ---------------------------------------------------------------------------- baselines
-@app.command()
-@handled
+@stage_command("baselines")
 def baselines(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    run: StageRun,
     gate: Annotated[str | None, typer.Option(help=H("train-gate key (or prefix) whose recipe the AR-GSE "
                                                     "ablations retrain", default="the pipeline file's train_gate"))] = None,
     seeds: Annotated[str | None, typer.Option(help=H("comma list of ablation gate seeds, e.g. 42,43,44",
@@ -573,32 +551,10 @@ def baselines(
     c: CostAlias = None,
     n_boot: Annotated[int | None, typer.Option("--n-boot", help=H("bootstrap resamples of each method's CIs "
                                                                   "(0: none)", "baselines", "n_boot"))] = None,
-    store: StoreOpt = None,
-    force: ForceOpt = False,
-    print_config: PrintCfgOpt = False,
-    print_key: PrintKeyOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """Chow, DE-Chow, CS-plug-in (U-PI, SB-PI), Plug-in[Worst] and AR-GSE ablations."""
-    from .stages import key_of, run_stage
-
-    dry = print_config or print_key
-    p = _pipeline(config, store, dry=dry)
-    over = _sets(p, "baselines", set_)
-    _update_given(over, c=_cost(cost, c), n_boot=n_boot)
-    if seeds:
-        over["seeds"] = _parse_ints(seeds, "--seeds")
-    p.override("baselines", over)
-    cfg = p.config("baselines")
-    gkey, trained = _gate_key(p, gate, dry)
-    est, ekey = p.export_ref()
-    up = {"export": ekey, "calibrate": p.calibrate_key(), "gate": gkey}
-    st = {"export": est, "calibrate": "calibrate", "gate": "train-gate"}
-    key = key_of("baselines", cfg, up)
-    if _emit("baselines", cfg, key, print_config, print_key,
-             **(_missing_gate_note(gkey, trained) if print_config and not print_key else {})):
-        return
-    run_stage("baselines", cfg, up, st, p.store, force=force, quiet=quiet)
+    run.set(c=_cost(cost, c), n_boot=n_boot, seeds=_parse_ints(seeds, "--seeds") if seeds else None)
+    _on_gate(run, gate)
 
 
 # ------------------------------------------------------------------------------- report
@@ -650,11 +606,9 @@ def pipeline_inputs(p: Any, latest: bool) -> tuple[list[str], list[str]]:
     return sorted(a.key for a in chosen), [a.key for a in chosen_b]
 
 
-@app.command()
-@handled
+@stage_command("report")
 def report(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
+    run: StageRun,
     eval_keys: Annotated[list[str] | None, typer.Option("--eval", help="eval key (or prefix); repeatable")] = None,
     baseline_keys: Annotated[list[str] | None, typer.Option("--baselines", help="baselines key (or prefix); "
                                                                                   "repeatable")] = None,
@@ -664,74 +618,48 @@ def report(
                                                      "artifact of the pipeline (duplicates are an error)")] = False,
     out: Annotated[Path | None, typer.Option("--out", help="also copy every file of the report into this "
                                                            "folder")] = None,
-    store: StoreOpt = None,
-    force: ForceOpt = False,
-    print_config: PrintCfgOpt = False,
-    print_key: PrintKeyOpt = False,
-    quiet: QuietOpt = False,
 ) -> None:
     """LaTeX tables (booktabs) and PDF/PNG figures from eval and baselines artifacts: pass their keys,
     or --config FILE with --latest / --all to take every eval and baselines of that pipeline."""
-    from .stages import key_of, run_stage
-
-    p = _pipeline(config, store, dry=print_config or print_key)
-    p.override("report", _sets(p, "report", set_))
-    cfg = p.config("report")
+    run.config()
     if out is not None:
         from .store import check_out_dir
 
         check_out_dir(out)  # before any work
+    evals, bases = _report_inputs(run, eval_keys, baseline_keys, latest, all_)
+    r = run.resolve({"evals": evals, "baselines": bases})
+    key = run.finish(r, inputs=r.upstream)
+    if key is not None and out is not None:
+        from .stages.report import export_to
+
+        export_to(run.p.store.open("report", key), out)
+
+
+def _report_inputs(run: StageRun, eval_keys: list[str] | None, baseline_keys: list[str] | None, latest: bool,
+                   all_: bool) -> tuple[list[str], list[str]]:  # fmt: skip
+    """The report's eval and baselines keys: --eval / --baselines, or the pipeline's (--latest / --all)."""
     if latest and all_:
         raise ArgseError("--latest/--all", "both given", "pass one of them")
     if latest or all_:
         if eval_keys or baseline_keys:
             raise ArgseError("--latest/--all", "given with --eval/--baselines keys", "pass keys or --latest/--all")
-        if config is None:
+        if run.config_path is None:
             raise ArgseError("--latest/--all", "no pipeline file", "pass --config FILE (the pipeline of the evals)")
-        evals, bases = pipeline_inputs(p, latest)
+        evals, bases = pipeline_inputs(run.p, latest)
     else:
-        evals = [p.store.resolve(k, "eval")[1] for k in eval_keys or []]
-        bases = [p.store.resolve(k, "baselines")[1] for k in baseline_keys or []]
+        evals = [run.p.store.resolve(k, "eval")[1] for k in eval_keys or []]
+        bases = [run.p.store.resolve(k, "baselines")[1] for k in baseline_keys or []]
     if not evals and not bases:
         raise ArgseError("--eval/--baselines", "no input artifacts",
                          "pass --eval KEY and/or --baselines KEY, or --config FILE --latest")
-    up = {"evals": evals, "baselines": bases}
-    st = {"evals": "eval", "baselines": "baselines"}
-    key = key_of("report", cfg, up)
-    if _emit("report", cfg, key, print_config, print_key, inputs=up):
-        return
-    key, _ = run_stage("report", cfg, up, st, p.store, force=force, quiet=quiet)
-    if out is not None:
-        from .stages.report import export_to
-
-        export_to(p.store.open("report", key), out)
+    return evals, bases
 
 
 # ------------------------------------------------------------------------ import-logits
-@app.command("import-logits")
-@handled
-def import_logits(
-    config: ConfigOpt = None,
-    set_: SetOpt = None,
-    store: StoreOpt = None,
-    force: ForceOpt = False,
-    print_config: PrintCfgOpt = False,
-    print_key: PrintKeyOpt = False,
-    quiet: QuietOpt = False,
-    rehash: RehashOpt = False,
-) -> None:
+@stage_command("import-logits")
+def import_logits(run: StageRun) -> None:
     """Import experts' logits trained elsewhere (pipeline file with an import_logits section)."""
-    from .stages import key_of
-    from .stages.import_logits import key_extra, run
-
-    p = _pipeline(config, store)
-    p.override("import-logits", _sets(p, "import-logits", set_))
-    cfg = p.config("import-logits")
-    if print_key or print_config:
-        extra = key_extra(cfg, p.store, write=False, rehash=rehash)
-        _emit("import-logits", cfg, key_of("import-logits", cfg, {}, extra), print_config, print_key)
-        return
-    run(cfg, p.store, force=force, quiet=quiet, rehash=rehash)
+    run.go()
 
 
 @app.command()

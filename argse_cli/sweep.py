@@ -41,21 +41,13 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import StageConfig, resolve_device
+from .config import StageConfig, resolve_device, section_name
+from .dag import DAG, RUN_ORDER
 from .errors import ArgseError
-from .pipeline import SECTIONS, Pipeline, load_file, validate
+from .pipeline import SECTIONS, Memo, Pipeline, load_file, validate
 from .store import Store
 
-STAGE_ORDER = (
-    "split",
-    "train-expert",
-    "export-logits",
-    "calibrate",
-    "train-gate",
-    "eval",
-    "baselines",
-    "report",
-)
+STAGE_ORDER = RUN_ORDER
 StageName = Literal[STAGE_ORDER]  # the same names, as a validated type
 
 
@@ -117,6 +109,13 @@ def load_sweep_file(path: str | Path | None) -> tuple[dict[str, Any], dict[str, 
     return raw, sweep
 
 
+def axis_fields(seed: int | None, beta: str | None, full_reruns: bool) -> dict[str, list[tuple]]:
+    """Grid axis -> the (section, field, value) it sets (see module doc)."""
+    seeds = [("train_expert", "seed", seed), ("train_gate", "seed", seed), ("baselines", "seeds", [seed])]
+    return {"seed": seeds + ([("split", "seed", seed)] if full_reruns else []),
+            "beta": [("train_gate", "beta", beta)]}  # fmt: skip
+
+
 def point_doc(
     doc: dict[str, Any],
     seed: int | None = None,
@@ -136,36 +135,17 @@ def point_doc(
             raise ArgseError(name, "section must be a mapping", "write field: value lines")
         return s
 
-    if seed is not None:
-        sec("train_expert")["seed"] = seed
-        sec("train_gate")["seed"] = seed
-        sec("baselines")["seeds"] = [seed]
-        if full_reruns:
-            sec("split")["seed"] = seed
+    for axis, fields in axis_fields(seed, beta, full_reruns).items():
+        if {"seed": seed, "beta": beta}[axis] is not None:
+            for name, f, v in fields:
+                sec(name)[f] = v
     if losses is not None:
         sec("train_expert")["losses"] = list(losses)
-    if beta is not None:
-        sec("train_gate")["beta"] = beta
     if device is not None:
         for name in ("train_expert", "export_logits"):
             if sec(name).get("device", "auto") == "auto":
                 sec(name)["device"] = device
     return d
-
-
-class _SweepPipeline(Pipeline):
-    """Pipeline whose data fingerprint is computed once per (dataset, data root) for the sweep."""
-
-    def __init__(self, doc: dict, store: Store, memo: bool, fp_cache: dict):
-        super().__init__(doc, store, memo=memo)
-        self._fp = fp_cache
-
-    def split_extra(self) -> dict[str, Any]:
-        cfg = self.config("split")
-        k = (cfg.dataset, str(cfg.data_root))
-        if k not in self._fp:
-            self._fp[k] = super().split_extra()
-        return dict(self._fp[k])
 
 
 # ------------------------------------------------------------------------------- runs
@@ -260,9 +240,11 @@ def expand(
     memo: bool = True,
     device: str | None = None,
 ) -> list[RunSpec]:
-    """The ordered, deduplicated plan of a grid (stage order, then grid order), with levels."""
-    from .stages import key_of
+    """The ordered, deduplicated plan of a grid (stage order, then grid order), with levels.
 
+    Every stage of :data:`~argse_cli.dag.RUN_ORDER` up to ``spec.until``, per grid point: one
+    train-expert per loss, baselines once per seed (against the first beta's gate), one report
+    over every planned eval and baselines (its ``given`` roles)."""
     if "import_logits" in doc:
         raise ArgseError(
             "import_logits",
@@ -271,94 +253,48 @@ def expand(
         )
     seeds = list(spec.seeds) if spec.seeds is not None else [None]
     betas = list(spec.betas) if spec.betas is not None else [None]
-    fp: dict = {}
-    pts = []  # (seed, beta, pipeline)
-    for s in seeds:
-        for b in betas:
-            d = point_doc(doc, s, spec.losses, b, spec.full_reruns, device)
-            pts.append((s, b, _SweepPipeline(d, store, memo, fp)))
-    last = STAGE_ORDER.index(spec.until)
-    want = set(STAGE_ORDER[: last + 1])
-    plan: list[RunSpec] = []
-    seen: set[tuple[str, str]] = set()
+    shared = Memo()  # one validation per config, one hash per key across the grid
+    pts = [({"seed": s, "beta": b}, Pipeline(point_doc(doc, s, spec.losses, b, spec.full_reruns, device),
+                                              store, memo=memo, memo_of=shared))
+           for s in seeds for b in betas]  # fmt: skip
+    axes = point_axes(spec.full_reruns)
+    plan: dict[tuple[str, str], RunSpec] = {}
+    made: dict[str, list[str]] = {}
+    for stage in STAGE_ORDER[: STAGE_ORDER.index(spec.until) + 1]:
+        given = {r.name: list(dict.fromkeys(made.get(r.stage, [])))
+                 for r in DAG[stage].roles if r.fan == "given"}  # fmt: skip
+        for at, p, fields in _instances(stage, pts):
+            r = p.resolve(stage, given or None, **fields)
+            made.setdefault(stage, []).append(r.key)
+            vals = {**at, **fields}
+            point = {a: vals[a] for a in (*axes[stage], *fields) if vals.get(a) is not None}
+            plan.setdefault((stage, r.key), RunSpec(stage, r.config, r.upstream, r.upstream_stages,
+                                                     r.extra or {}, r.key, point))  # fmt: skip
+    return _with_levels(list(plan.values()))
 
-    def add(
-        stage: str, cfg: StageConfig, up: dict, st: dict, extra: dict | None, point: dict
-    ) -> str:
-        key = key_of(stage, cfg, up, extra)
-        if stage in want and (stage, key) not in seen:
-            seen.add((stage, key))
-            point = {k: v for k, v in point.items() if v is not None}
-            plan.append(RunSpec(stage, cfg, up, st, extra or {}, key, point))
-        return key
 
-    def seed_pt(s: Any) -> dict:
-        return {"seed": s}
+def _instances(stage: str, pts: list) -> list[tuple[dict, Pipeline, dict]]:
+    """(grid point, its pipeline, instance fields) of each run of ``stage`` in the plan."""
+    if stage == "train-expert":
+        return [(at, p, {"loss": l}) for at, p in pts for l in p.train_losses()]
+    if stage == "report":
+        return [(*pts[0], {})]
+    if stage == "baselines":  # once per seed, against the first beta's gate
+        first = {at["seed"]: (at, p) for at, p in reversed(pts)}
+        return [(at, p, {}) for at, p in pts if first[at["seed"]][1] is p]
+    return [(at, p, {}) for at, p in pts]
 
-    for s, _, p in pts:
-        add(
-            "split",
-            p.config("split"),
-            {},
-            {},
-            p.split_extra(),
-            seed_pt(s) if spec.full_reruns else {},
-        )
-    for s, _, p in pts:
-        losses = p.expert_losses()
-        if "decoupled" in losses and "ce" not in losses:
-            losses = ["ce", *losses]  # cRT re-uses the ce backbone (as `argse train-expert`)
-        losses = sorted(losses, key=lambda l: l == "decoupled")  # stable: ce before decoupled
-        for l in losses:
-            up, st = p.expert_upstream(l)
-            add(
-                "train-expert",
-                p.config("train-expert", loss=l),
-                up,
-                st,
-                None,
-                {"seed": s, "loss": l},
-            )
-    if "export-logits" not in want:
-        return _with_levels(plan)
-    for s, _, p in pts:
-        up, st = p.export_upstream()
-        add("export-logits", p.config("export-logits"), up, st, None, seed_pt(s))
-    for s, _, p in pts:
-        up, st = p.calibrate_upstream()
-        add("calibrate", p.config("calibrate"), up, st, None, seed_pt(s))
-    for s, b, p in pts:
-        up, st = p.gate_upstream()
-        add("train-gate", p.config("train-gate"), up, st, None, {"seed": s, "beta": b})
-    if "eval" not in want:
-        return _with_levels(plan)
-    evals: list[str] = []
-    for s, b, p in pts:
-        evals.append(
-            add(
-                "eval",
-                p.config("eval"),
-                {"gate": p.gate_key()},
-                {"gate": "train-gate"},
-                None,
-                {"seed": s, "beta": b},
-            )
-        )
-    bases: list[str] = []
-    done_seeds: set = set()
-    for s, b, p in pts:
-        if s in done_seeds:
-            continue  # baselines once per seed, against the first beta's gate
-        done_seeds.add(s)
-        est, ekey = p.export_ref()
-        up = {"export": ekey, "calibrate": p.calibrate_key(), "gate": p.gate_key()}
-        st = {"export": est, "calibrate": "calibrate", "gate": "train-gate"}
-        bases.append(add("baselines", p.config("baselines"), up, st, None, {"seed": s, "beta": b}))
-    if "report" in want:
-        p = pts[0][2]
-        up = {"evals": list(dict.fromkeys(evals)), "baselines": list(dict.fromkeys(bases))}
-        add("report", p.config("report"), up, {"evals": "eval", "baselines": "baselines"}, None, {})
-    return _with_levels(plan)
+
+def point_axes(full_reruns: bool) -> dict[str, tuple[str, ...]]:
+    """Stage -> the grid axes its runs are labelled with: the axes that set a field of its section
+    or reach it through an upstream (report, over ``given`` inputs, has none)."""
+    sets = {axis: {name for name, _, _ in fields}
+            for axis, fields in axis_fields(0, "balanced", full_reruns).items()}  # fmt: skip
+    out: dict[str, tuple[str, ...]] = {}
+    for stage in STAGE_ORDER:
+        ups = [out[r.stage] for r in DAG[stage].roles if r.fan != "given" and r.stage in out]
+        out[stage] = tuple(a for a in sets if section_name(stage) in sets[a] or any(a in u for u in ups))
+    return out
 
 
 def _with_levels(plan: list[RunSpec]) -> list[RunSpec]:
