@@ -607,7 +607,7 @@ def pipeline_inputs(p: Any, latest: bool) -> tuple[list[str], list[str]]:
     trained on the file's logits and calibration, and every baselines artifact (the file's config)
     on them. ``latest``: the newest per (method, gate seed) and the newest baselines; otherwise
     all of them (two evals of one method and seed, or two baselines, are an error)."""
-    from .stages.evaluate import method_name
+    from .evaluation import method_name
 
     est, ekey = p.export_ref()
     ckey = p.calibrate_key()
@@ -702,7 +702,7 @@ def report(
         return
     key, _ = run_stage("report", cfg, up, st, p.store, force=force, quiet=quiet)
     if out is not None:
-        from .stages.report import export_to
+        from .report.export import export_to
 
         export_to(p.store.open("report", key), out)
 
@@ -721,8 +721,9 @@ def import_logits(
     rehash: RehashOpt = False,
 ) -> None:
     """Import experts' logits trained elsewhere (pipeline file with an import_logits section)."""
+    from .logit_import import key_extra
     from .stages import key_of
-    from .stages.import_logits import key_extra, run
+    from .stages.import_logits import run
 
     p = _pipeline(config, store)
     p.override("import-logits", _sets(p, "import-logits", set_))

@@ -228,8 +228,8 @@ class Pipeline:
         return key_of("export-logits", self.config("export-logits"), self.export_upstream()[0])
 
     def import_key(self) -> str:
+        from .logit_import import key_extra
         from .stages import key_of
-        from .stages.import_logits import key_extra
 
         cfg = self.config("import-logits")
         extra = key_extra(cfg, self.store, write=self.memo, rehash=self.rehash)

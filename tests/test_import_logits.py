@@ -20,6 +20,7 @@ import pytest
 import torch
 import yaml
 
+from argse_cli import logit_import
 from argse_cli.config import (
     HELDOUT_SPLITS,
     CalibrateConfig,
@@ -262,32 +263,32 @@ def test_key_follows_contents_not_paths(tmp_path):
     fx = make_foreign(tmp_path / "a", C=20, E=2, n=100, fmts=("npy", "npz"))
     store = Store(tmp_path / "s")
     cfg = import_cfg(fx, chunk_rows=32)
-    extra = imp.key_extra(cfg, store)
+    extra = logit_import.key_extra(cfg, store)
     assert set(extra["files"]) == {f"logits.x{e}.{s}" for e in range(2) for s in HELDOUT_SPLITS} | {
         f"labels.{s}" for s in HELDOUT_SPLITS
     } | {"class_counts"}
-    assert (store.root / imp.MEMO).is_file()
+    assert (store.root / logit_import.MEMO).is_file()
     key = imp.run(cfg, store, quiet=True)
     # the same bytes under another directory: same key (a cache hit)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     moved = json.loads(cfg.model_dump_json().replace(str(tmp_path / "a"), str(tmp_path / "b")))
     cfg_b = ImportLogitsConfig.model_validate(moved)
-    assert imp.key_extra(cfg_b, store) == extra
+    assert logit_import.key_extra(cfg_b, store) == extra
     assert imp.run(cfg_b, store, quiet=True) == key
     # one changed value in one file: a new key; train logits are ignored
     y = np.load(tmp_path / "b" / "y_test.npy")
     y[0] = (y[0] + 1) % 20
     np.save(tmp_path / "b" / "y_test.npy", y)
-    assert imp.key_extra(cfg_b, store) != extra
+    assert logit_import.key_extra(cfg_b, store) != extra
     ex = [
         e.model_copy(update={"logits": {**e.logits, "train": e.logits["test"]}})
         for e in cfg.experts
     ]
-    assert imp.key_extra(cfg.model_copy(update={"experts": tuple(ex)}), store) == extra
+    assert logit_import.key_extra(cfg.model_copy(update={"experts": tuple(ex)}), store) == extra
     # write=False never writes the memo
-    memo = store.root / imp.MEMO
+    memo = store.root / logit_import.MEMO
     memo.unlink()
-    imp.key_extra(cfg, store, write=False)
+    logit_import.key_extra(cfg, store, write=False)
     assert not memo.exists()
 
 
@@ -549,9 +550,9 @@ def _downstream(store: Store, stage: str, key: str) -> tuple:
 def test_round_trip_of_an_export_matches_the_native_path(tmp_path, monkeypatch):
     """The export's logits, put back in each split's own order and imported with the export's
     seed and chunking, give the same stored rows, temperatures, gate and eval metrics."""
-    import argse_cli.stages.evaluate as ev
+    import argse_cli.report.eval_figures as ef
 
-    monkeypatch.setattr(ev, "_figures", lambda *a, **k: None)  # figures are not compared (slow)
+    monkeypatch.setattr(ef, "eval_figures", lambda *a, **k: None)  # figures are not compared (slow)
     store = Store(tmp_path / "s")
     C, n, seed, cr = 10, 400, 5, 64
     ekey, own = _fake_export(store, C, n, seed, cr)
