@@ -20,7 +20,7 @@ import pytest
 import torch
 import yaml
 
-from argse_cli import logit_import
+from argse_cli import logit_import, logit_storage
 from argse_cli.config import (
     HELDOUT_SPLITS,
     CalibrateConfig,
@@ -248,8 +248,8 @@ def test_sequential_window_path_equals_mmap_path(tmp_path, monkeypatch):
     """Zarr sources are read front to back once per window of output rows; same bytes stored."""
     a = make_foreign(tmp_path / "a", C=50, E=2, n=700, fmts=("npy",), seed=3)
     b = make_foreign(tmp_path / "b", C=50, E=2, n=700, fmts=("zarr",), seed=3)
-    monkeypatch.setattr(imp, "WINDOW_BYTES", 2 * 64 * 2 * 50 * 2)  # 2 chunks of 64 rows per window
-    monkeypatch.setattr(imp, "SCAN_BYTES", 37 * 50 * 4)  # 37-row scan blocks
+    monkeypatch.setattr(logit_storage, "WINDOW_BYTES", 2 * 64 * 2 * 50 * 2)  # 2 chunks of 64 rows per window
+    monkeypatch.setattr(logit_storage, "SCAN_BYTES", 37 * 50 * 4)  # 37-row scan blocks
     store = Store(tmp_path / "s")
     ka = imp.run(import_cfg(a, chunk_rows=64), store, quiet=True)
     kb = imp.run(import_cfg(b, chunk_rows=64), store, quiet=True)

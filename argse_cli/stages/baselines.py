@@ -38,7 +38,7 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     from ..ablations import variant_config, variant_mixtures, variants
     from ..core.expert_data import load_posteriors
     from ..core.gate_fit import GateModel
-    from ..evaluation import VIEWS, WEIGHT_OF_VIEW, fit_curves, views_of_eta
+    from ..evaluation import fit_curves, views_of_eta
     from ..runtime import pin_threads
 
     pin_threads()
@@ -48,10 +48,7 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     E = len(losses)
     data = {s: load_posteriors(exp, cal, s) for s in ("tuneV", "val_small", "test")}
     t = data["test"]
-    weights = {v: t[WEIGHT_OF_VIEW[v]] for v in VIEWS}
-    results: list[dict] = []
-    curves_out: dict[str, dict] = {v: {} for v in VIEWS}
-    rec = _Recorder(cfg, out, progress, t, c2g, weights, results, curves_out)
+    rec = _Recorder(cfg, out, progress, t, c2g)
     # one progress step per method: Chow and CS-plug-in per expert, DE-Chow, SB-PI, U-PI, Plug-in[Worst], gates
     rec.total = 2 * E + 4 + len(variants(cfg, losses, 0)) * len(cfg.seeds)
 
@@ -89,23 +86,27 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
             plugin(v.name, eta, group=v.group, seed=seed, setting=v.setting,
                    extra={"chosen_epoch": int(fit.chosen_epoch), "criterion": fit.criterion})
     out.json("baselines.json", {"levels": list(cfg.levels), "view_fitted": cfg.view, "c": cfg.c,
-                                "results": results})
-    out.json("rc_curves.json", curves_out)
+                                "results": rec.results})
+    out.json("rc_curves.json", rec.curves_out)
     for k in ("y", "w_lt", "w_bal"):
         out.array(f"test/{k}", t[k])
     if "test/source_index" in exp.manifest.get("arrays", {}):
         out.array("test/source_index", exp.array("test/source_index"))
     out.array("class_to_group", c2g)
-    out.meta.update(methods=sorted({r["method"] for r in results}), n_results=len(results),
+    out.meta.update(methods=sorted({r["method"] for r in rec.results}), n_results=len(rec.results),
                     sb_pi_expert=losses[best])
 
 
 class _Recorder:
     """Scores one method on test (refit and sweep views) and records its results and arrays."""
 
-    def __init__(self, cfg, out, progress, test, c2g, weights, results, curves_out):
+    def __init__(self, cfg: Any, out: Any, progress: Any, test: dict, c2g: Any):
+        from ..evaluation import VIEWS, WEIGHT_OF_VIEW
+
         self.cfg, self.out, self.progress, self.t, self.c2g = cfg, out, progress, test, c2g
-        self.weights, self.results, self.curves_out = weights, results, curves_out
+        self.weights = {v: test[WEIGHT_OF_VIEW[v]] for v in VIEWS}
+        self.results: list[dict] = []
+        self.curves_out: dict[str, dict] = {v: {} for v in VIEWS}
         self.done, self.total = 0, 1
 
     def _step(self, name: str, lt: dict, protocol: str) -> None:
