@@ -245,7 +245,7 @@ def load_gate_split(key: str, split: str = "test", store: Any = None) -> dict[st
     import numpy as np
 
     from .core.expert_data import load_posteriors
-    from .stages.train_gate import load_gate
+    from .core.gated import load_gate
 
     s = _store(store)
     art = s.open("train-gate", key)

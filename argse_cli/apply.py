@@ -42,7 +42,7 @@ BLOCK_ROWS = 4096
 class Rejector:
     """A calibrated gate + plug-in rejector loaded from the store (see the module docstring)."""
 
-    gate: Any  # GateResult
+    gate: Any  # GatedRule
     temperature: np.ndarray  # [E_used]
     shift: np.ndarray  # [E_used]
     log_pi: np.ndarray  # [C]
@@ -87,7 +87,7 @@ class Rejector:
     def storage_for(logits_per_expert: list) -> str:
         """The dtype import-logits would store these rows in: float16 unless some non-fp16
         expert's row range max f - min f exceeds 65504 (decided over all experts jointly)."""
-        from .stages.import_logits import row_range, storage_dtype
+        from .logit_storage import row_range, storage_dtype
 
         ranges = [
             float(row_range(np.asarray(x)).max(initial=0.0))
@@ -98,7 +98,7 @@ class Rejector:
 
     def _posteriors(self, xs: list, storage: str) -> np.ndarray:
         from .core.expert_data import apply_calibration
-        from .stages.import_logits import to_storage
+        from .logit_storage import to_storage
 
         if storage == "auto":
             storage = self.storage_for(xs)
@@ -143,7 +143,7 @@ class Rejector:
 def load_rejector(key: str, store: Any = None) -> Rejector:
     """Load the calibrated gate + rejector of a train-gate artifact (key or unique prefix)."""
     from .core.expert_data import log_prior
-    from .stages.train_gate import load_gate
+    from .core.gated import load_gate
     from .store import Store
 
     store = store if store is not None else Store()
@@ -178,8 +178,8 @@ def apply_files(
 ) -> str:
     """Apply a stored gate to logits files (one per expert, any `import-logits` format), streaming
     row blocks; write ``pred``, ``margin``, ``accept`` per row to ``out`` (.npz or .csv)."""
+    from .logit_storage import scan_source, storage_dtype
     from .readers import open_logits
-    from .stages.import_logits import scan_source, storage_dtype
     from .store import Store, check_out_file
 
     out_p = Path(out)

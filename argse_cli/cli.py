@@ -563,7 +563,7 @@ def pipeline_inputs(p: Any, latest: bool) -> tuple[list[str], list[str]]:
     trained on the file's logits and calibration, and every baselines artifact (the file's config)
     on them. ``latest``: the newest per (method, gate seed) and the newest baselines; otherwise
     all of them (two evals of one method and seed, or two baselines, are an error)."""
-    from .stages.evaluate import method_name
+    from .evaluation import method_name
 
     est, ekey = p.export_ref()
     ckey = p.calibrate_key()
@@ -630,7 +630,7 @@ def report(
     r = run.resolve({"evals": evals, "baselines": bases})
     key = run.finish(r, inputs=r.upstream)
     if key is not None and out is not None:
-        from .stages.report import export_to
+        from .report.export import export_to
 
         export_to(run.p.store.open("report", key), out)
 

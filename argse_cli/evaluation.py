@@ -19,6 +19,7 @@ never to fit alpha, mu, beta, lambda, q or an epoch.
 from __future__ import annotations
 
 from collections.abc import Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
@@ -36,6 +37,24 @@ PROTOCOL_TEXT = (
     "test at that coverage; sweep view: one rule at the cost-matched operating point, its margin swept "
     "over test; Chow-type rules: threshold sweep"
 )
+
+
+def method_name(gate_cfg: dict) -> str:
+    """The table name of an AR-GSE gate from its train-gate config."""
+    name = "AR-GSE (worst)" if gate_cfg.get("beta") == "worst" else "AR-GSE (balanced)"
+    if gate_cfg.get("uniform_gate"):
+        name += " uniform gate"
+    return name
+
+
+@dataclass
+class Decisions:
+    """One rule on the test rows: the mixture ``eta`` [N, C], ``pred`` = h(x) [N] and the
+    ``score`` = margin m(x) [N] (accept iff m(x) >= 0)."""
+
+    eta: Any
+    pred: Any
+    score: Any
 
 
 def views_of(Mx: Any, A: Any, E: Any, d: dict, class_to_group: Any, views: Sequence[str] = VIEWS) -> dict:
@@ -180,3 +199,21 @@ def evaluate_scores(
         "note": "Geifman's exact AURC and E-AURC over the test samples as drawn (unit weights)",
     }
     return out, curves
+
+
+def view_metrics(scored: dict[str, tuple], dec: Decisions, test: dict, class_to_group: Any, *,
+                 levels: Sequence[float], n_boot: int, seed: int, progress: Any) -> tuple[dict, dict, dict]:
+    """(refit metrics, sweep metrics, sweep curves by view) of a rule on test, one view at a time
+    (the same numbers as all views in one call): a progress step per view and protocol."""
+    n_steps, refit, sweep, curves = 2 * len(VIEWS), None, None, {}
+    for i, v in enumerate(VIEWS, 1):
+        r = refit_metrics({v: scored[v]}, test, class_to_group, levels=levels, n_boot=n_boot, seed=seed)
+        refit = r if refit is None else {**refit, "views": {**refit["views"], **r["views"]}}
+        progress(i, n_steps, {"protocol": "refit", "view": v})
+    for i, v in enumerate(VIEWS, len(VIEWS) + 1):
+        sw, cv = evaluate_scores(dec.score, dec.pred, test["y"], class_to_group, {v: test[WEIGHT_OF_VIEW[v]]},
+                                 levels=levels, n_boot=n_boot, seed=seed, probs=dec.eta)
+        sweep = sw if sweep is None else {**sweep, "views": {**sweep["views"], **sw["views"]}}
+        curves.update(cv)
+        progress(i, n_steps, {"protocol": "sweep", "view": v})
+    return refit, sweep, curves

@@ -213,7 +213,7 @@ class Pipeline:
                 self.cache.data[k] = cached_fingerprint(self.store, *k, write=self.memo, rehash=self.rehash)
             return {"data": self.cache.data[k]}
         if kind == "files":
-            from .stages.import_logits import key_extra
+            from .logit_import import key_extra
 
             return key_extra(cfg, self.store, write=self.memo, rehash=self.rehash)
         return None

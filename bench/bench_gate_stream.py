@@ -5,7 +5,7 @@ fp16 logits [N, E, C] in row chunks of --chunk-rows; C = 1000 classes, E = 4 exp
 ImageNet-LT-sized label space; a long-tailed prior with imbalance factor 100 and K = 2 groups,
 head = the classes holding the first half of the training mass) plus a calibration artifact
 (temperature, shift). Then, in a FRESH process per N,
-``argse_cli.stages.train_gate.fit_gate`` runs --epochs epochs while a thread samples ``RssAnon``
+``argse_cli.core.gated.fit_gate`` runs --epochs epochs while a thread samples ``RssAnon``
 (/proc/self/status, every 5 ms). Baseline = RssAnon after every module is imported and both
 artifacts are opened (file-backed page cache is not anonymous memory and does not count).
 
@@ -25,8 +25,8 @@ Floor (``--floor``, on by default): in another fresh process on the same store, 
 only does the work no implementation of the streamed gate epoch can skip -- read every tuneV
 chunk (logits, labels, view weights; checksum-verified by the store) in the stage's chunk order
 and buffer size, decode them into one buffer and compute the experts' calibrated softmax with
-``stages.calibrate.apply_calibration`` (:func:`floor_pass`, the reading of
-``stages.train_gate.ZarrSource.iter_epoch`` without the shuffle and the batches). Lines
+``core.expert_data.apply_calibration`` (:func:`floor_pass`, the reading of
+``core.expert_data.ZarrSource.iter_epoch`` without the shuffle and the batches). Lines
 ``gate_stream_floor_s_N`` (seconds of that pass) and ``gate_stream_epoch_over_floor_N`` = gate
 epoch seconds (the whole stage work / epochs run: the cache pass, the val_small criterion and the
 one rule fit amortised over the epochs) / floor seconds; reference 3 (the issue's goal: ratio <= 3),
@@ -155,9 +155,9 @@ def warm_imports() -> None:
 
     import argse_cli.core.expert_data  # noqa: F401
     import argse_cli.core.gate_fit  # noqa: F401
+    import argse_cli.core.gated  # noqa: F401
     import argse_cli.core.plugin_fit  # noqa: F401
     import argse_cli.evaluation  # noqa: F401
-    import argse_cli.stages.train_gate  # noqa: F401
 
     torch.optim.Adam([torch.zeros(1, requires_grad=True)])
 
@@ -171,7 +171,7 @@ def measure(root: Path, ekey: str, ckey: str, epochs: int, buffer_chunks: int,
     import torch
 
     import argse_cli.core.expert_data as ed
-    import argse_cli.stages.train_gate as tg
+    import argse_cli.core.gated as gated
     from argse_cli.config import TrainGateConfig
     from argse_cli.evaluation import fit_curves
     from argse_cli.store import Store
@@ -196,9 +196,9 @@ def measure(root: Path, ekey: str, ckey: str, epochs: int, buffer_chunks: int,
     sampler = PeakSampler()
     sampler.start()
     t0 = time.perf_counter()
-    res = tg.fit_gate(cfg, exp, cal)
+    res = gated.fit_gate(cfg, exp, cal)
     t1 = time.perf_counter()
-    splits = {s: tg.gate_views(res.model, exp, cal, s, None) for s in ("tuneV", "val_small")}
+    splits = {s: gated.gate_views(res.model, exp, cal, s, None) for s in ("tuneV", "val_small")}
     fit_curves(splits)
     t2 = time.perf_counter()
     peak = sampler.stop()

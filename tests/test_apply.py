@@ -42,7 +42,7 @@ FORMATS = ("npy", "npz", "npzc", "st", "zarr", "pt", "npy16")
 
 @pytest.fixture(scope="module")
 def e2e(tmp_path_factory):
-    import argse_cli.stages.evaluate as ev
+    import argse_cli.report.eval_figures as ef
 
     d = tmp_path_factory.mktemp("byoe")
     rng = np.random.default_rng(1)
@@ -79,7 +79,7 @@ def e2e(tmp_path_factory):
     gcfg = TrainGateConfig(epochs=1, patience=1, c=0.1)
     kg, _ = run_stage("train-gate", gcfg, up, st, store, quiet=True)
     mp = pytest.MonkeyPatch()
-    mp.setattr(ev, "_figures", lambda *a, **k: None)  # figures are not under test here (slow)
+    mp.setattr(ef, "eval_figures", lambda *a, **k: None)  # figures are not under test here (slow)
     try:
         ke, _ = run_stage(
             "eval",
@@ -159,7 +159,7 @@ def test_apply_files_npz_and_csv(e2e, tmp_path):
 def test_apply_with_an_expert_subset_gate(e2e):
     """An ablation gate over experts (0, 2): apply takes all four files and selects, or just two."""
     from argse_cli.core.expert_data import load_posteriors
-    from argse_cli.stages.train_gate import load_gate
+    from argse_cli.core.gated import load_gate
 
     store = e2e["store"]
     up = {"export": e2e["import"].key, "calibrate": e2e["cal"]}

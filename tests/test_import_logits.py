@@ -21,6 +21,7 @@ import torch
 import yaml
 from _logit_files import as_read, write_logits
 
+from argse_cli import logit_import, logit_storage
 from argse_cli.config import (
     HELDOUT_SPLITS,
     CalibrateConfig,
@@ -197,8 +198,8 @@ def test_sequential_window_path_equals_mmap_path(tmp_path, monkeypatch):
     """Zarr sources are read front to back once per window of output rows; same bytes stored."""
     a = make_foreign(tmp_path / "a", C=50, E=2, n=700, fmts=("npy",), seed=3)
     b = make_foreign(tmp_path / "b", C=50, E=2, n=700, fmts=("zarr",), seed=3)
-    monkeypatch.setattr(imp, "WINDOW_BYTES", 2 * 64 * 2 * 50 * 2)  # 2 chunks of 64 rows per window
-    monkeypatch.setattr(imp, "SCAN_BYTES", 37 * 50 * 4)  # 37-row scan blocks
+    monkeypatch.setattr(logit_storage, "WINDOW_BYTES", 2 * 64 * 2 * 50 * 2)  # 2 chunks of 64 rows per window
+    monkeypatch.setattr(logit_storage, "SCAN_BYTES", 37 * 50 * 4)  # 37-row scan blocks
     store = Store(tmp_path / "s")
     ka = imp.run(import_cfg(a, chunk_rows=64), store, quiet=True)
     kb = imp.run(import_cfg(b, chunk_rows=64), store, quiet=True)
@@ -212,32 +213,32 @@ def test_key_follows_contents_not_paths(tmp_path):
     fx = make_foreign(tmp_path / "a", C=20, E=2, n=100, fmts=("npy", "npz"))
     store = Store(tmp_path / "s")
     cfg = import_cfg(fx, chunk_rows=32)
-    extra = imp.key_extra(cfg, store)
+    extra = logit_import.key_extra(cfg, store)
     assert set(extra["files"]) == {f"logits.x{e}.{s}" for e in range(2) for s in HELDOUT_SPLITS} | {
         f"labels.{s}" for s in HELDOUT_SPLITS
     } | {"class_counts"}
-    assert (store.root / imp.MEMO).is_file()
+    assert (store.root / logit_import.MEMO).is_file()
     key = imp.run(cfg, store, quiet=True)
     # the same bytes under another directory: same key (a cache hit)
     shutil.copytree(tmp_path / "a", tmp_path / "b")
     moved = json.loads(cfg.model_dump_json().replace(str(tmp_path / "a"), str(tmp_path / "b")))
     cfg_b = ImportLogitsConfig.model_validate(moved)
-    assert imp.key_extra(cfg_b, store) == extra
+    assert logit_import.key_extra(cfg_b, store) == extra
     assert imp.run(cfg_b, store, quiet=True) == key
     # one changed value in one file: a new key; train logits are ignored
     y = np.load(tmp_path / "b" / "y_test.npy")
     y[0] = (y[0] + 1) % 20
     np.save(tmp_path / "b" / "y_test.npy", y)
-    assert imp.key_extra(cfg_b, store) != extra
+    assert logit_import.key_extra(cfg_b, store) != extra
     ex = [
         e.model_copy(update={"logits": {**e.logits, "train": e.logits["test"]}})
         for e in cfg.experts
     ]
-    assert imp.key_extra(cfg.model_copy(update={"experts": tuple(ex)}), store) == extra
+    assert logit_import.key_extra(cfg.model_copy(update={"experts": tuple(ex)}), store) == extra
     # write=False never writes the memo
-    memo = store.root / imp.MEMO
+    memo = store.root / logit_import.MEMO
     memo.unlink()
-    imp.key_extra(cfg, store, write=False)
+    logit_import.key_extra(cfg, store, write=False)
     assert not memo.exists()
 
 
@@ -499,9 +500,9 @@ def _downstream(store: Store, stage: str, key: str) -> tuple:
 def test_round_trip_of_an_export_matches_the_native_path(tmp_path, monkeypatch):
     """The export's logits, put back in each split's own order and imported with the export's
     seed and chunking, give the same stored rows, temperatures, gate and eval metrics."""
-    import argse_cli.stages.evaluate as ev
+    import argse_cli.report.eval_figures as ef
 
-    monkeypatch.setattr(ev, "_figures", lambda *a, **k: None)  # figures are not compared (slow)
+    monkeypatch.setattr(ef, "eval_figures", lambda *a, **k: None)  # figures are not compared (slow)
     store = Store(tmp_path / "s")
     C, n, seed, cr = 10, 400, 5, 64
     ekey, own = _fake_export(store, C, n, seed, cr)

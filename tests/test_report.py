@@ -331,10 +331,10 @@ def test_pooling_over_folds_and_disjointness():
 
 
 def test_holm_adjustment():
-    from argse_cli.stages.report import _holm
+    from argse_cli.report.compare import holm
 
-    assert _holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
-    assert _holm([0.5]) == [0.5]
+    assert holm([0.01, 0.04, 0.03]) == pytest.approx([0.03, 0.06, 0.06])
+    assert holm([0.5]) == [0.5]
 
 
 # ------------------------------------------------------------------------------ figures
@@ -428,7 +428,7 @@ def test_report_stage_files_and_numbers(report_art, tmp_path):
 
 
 def test_export_to(report_art, tmp_path):
-    from argse_cli.stages.report import export_to
+    from argse_cli.report.export import export_to
 
     art, _ = report_art
     copied = export_to(art, tmp_path / "out")
@@ -483,7 +483,7 @@ def test_every_table_compiles_without_overfull_and_captions_fit_three_lines(repo
     if shutil.which("pdflatex") is None:
         pytest.skip("pdflatex not installed (apt-get install texlive-latex-base texlive-latex-recommended)")
     art, _ = report_art
-    from argse_cli.stages.report import export_to
+    from argse_cli.report.export import export_to
 
     export_to(art, tmp_path)  # figures.tex includes the figures beside it
     files = report_tex(art)
@@ -516,7 +516,7 @@ def test_main_table_ci_modes_hand_computed():
 
 
 def test_guarantee_rows_say_accepts_nothing_and_show_the_target():
-    from argse_cli.stages.report import guarantee_rows
+    from argse_cli.report.deferral_tables import guarantee_rows
 
     test = {"unweighted": {"risk": 0.08, "coverage": 1.0}, "lt": {"risk": 0.05, "coverage": 0.5}}
     gm = {"target": 0.1, "delta": 0.1, "epsilon": 0.2, "methods": {
@@ -524,7 +524,7 @@ def test_guarantee_rows_say_accepts_nothing_and_show_the_target():
         "ltt_binomial": {"threshold": None, "accepts_nothing": True,
                          "test": {"unweighted": {"risk": 1.0, "coverage": 0.0}}},
     }}
-    rows = guarantee_rows("AR-GSE (balanced)", gm, T)
+    rows = guarantee_rows("AR-GSE (balanced)", gm)
     assert rows[0] == "AR-GSE (balanced) & LTT (binomial) & $R \\le 0.1$ & \\multicolumn{4}{c}{accepts nothing} \\\\"
     assert rows[1] == (" & Mondrian conformal & $P(\\mathrm{acc} \\mid \\mathrm{err}) \\le 0.2$ & 0.080 & "
                        "1.000 (all) & 0.050 & 0.500 \\\\")

@@ -81,7 +81,7 @@ def test_code_set_is_the_import_closure_of_the_stage_module():
         assert f"stages/{mod}.py" in files[st]
     # lazy imports inside compute() and, transitively, what the core imports
     assert {"core/plugin_fit.py", "core/gate_fit.py", "core/rule.py", "evaluation.py"} <= files["train-gate"]
-    assert {"metrics/refit.py", "metrics/bootstrap.py", "report/figures.py", "stages/train_gate.py"} <= files["eval"]
+    assert {"metrics/refit.py", "metrics/bootstrap.py", "report/figures.py", "core/gated.py"} <= files["eval"]
     assert {"report/compare.py", "metrics/bootstrap.py"} <= files["report"]
     assert {"metrics/selective.py", "experts/calibration.py", "core/plugin_fit.py"} <= files["baselines"]
 

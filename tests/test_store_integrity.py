@@ -292,7 +292,7 @@ def test_gc_keep_killed_mid_removal_leaves_nothing_that_looks_complete(two):
 
 # ----------------------------------------------------------- item 3: copies out are verified
 def test_report_export_refuses_a_tampered_file_and_copies_nothing(store_root, tmp_path):
-    from argse_cli.stages.report import export_to
+    from argse_cli.report.export import export_to
 
     store = Store(store_root)
     key = compute_key("report", 1, {"title": "t"})

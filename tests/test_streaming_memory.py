@@ -44,7 +44,7 @@ from pathlib import Path
 sys.path.insert(0, sys.argv[1]); sys.path.insert(0, sys.argv[1] + "/bench")
 import torch
 import argse_cli.core.expert_data as ed
-import argse_cli.stages.train_gate as tg
+import argse_cli.core.gated as gated
 from argse_cli.config import TrainGateConfig
 from argse_cli.store import Store
 from bench_gate_stream import PeakSampler, rss_anon_mib, warm_imports
@@ -63,7 +63,7 @@ base = rss_anon_mib()
 s = PeakSampler(); s.start()
 tracemalloc.start()
 t0 = time.perf_counter()
-tg.fit_gate(cfg, exp, cal)
+gated.fit_gate(cfg, exp, cal)
 dt = time.perf_counter() - t0
 _, traced = tracemalloc.get_traced_memory()
 tracemalloc.stop()

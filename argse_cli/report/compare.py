@@ -27,6 +27,9 @@ import numpy as np
 
 VIEWS = ("lt", "bal")
 W_OF = {"lt": "w_lt", "bal": "w_bal"}
+COMPARE_STATS = ("aurc_balanced", "aurc_worst")
+COMPARE_TARGETS = ("U-PI", "SB-PI", "Plug-in[Worst]")
+"""The plug-in baselines AR-GSE is compared with (and every CS-plug-in); also the 'headline' bands."""
 
 
 @dataclass
@@ -60,6 +63,33 @@ class Pooled:
     sweep: tuple[np.ndarray, np.ndarray]
     refit: dict[str, tuple[np.ndarray, np.ndarray]] | None
     parts: list[Result]
+
+
+@dataclass
+class Methods:
+    """The pooled methods' names by kind, in table order: the evals (AR-GSE variants), the
+    baselines, the ablations and the sensitivity gates; ``targets``: the baselines AR-GSE is
+    compared with (``COMPARE_TARGETS`` and every CS-plug-in)."""
+
+    evals: list[str]
+    baselines: list[str]
+    ablations: list[str]
+    sensitivity: list[str]
+
+    @classmethod
+    def of(cls, pooled: dict) -> Methods:
+        kinds = ["main", "baseline", "ablation", "sensitivity"]
+        order = sorted(pooled, key=lambda k: (kinds.index(pooled[k].kind), k))
+        names = {kind: list(dict.fromkeys(k[0] for k in order if pooled[k].kind == kind)) for kind in kinds}
+        return cls(names["main"], names["baseline"], names["ablation"], names["sensitivity"])
+
+    @property
+    def main(self) -> list[str]:
+        return self.evals + self.baselines
+
+    @property
+    def targets(self) -> list[str]:
+        return [n for n in self.baselines if n in COMPARE_TARGETS or n.startswith("CS-plug-in")]
 
 
 def cached(fn: Callable[[], Any]) -> Callable[[], Any]:
@@ -185,3 +215,43 @@ def compare(a: MethodStats, b: MethodStats, ci: float = 0.95) -> dict[str, np.nd
     d = a.samples - b.samples
     lo, hi = interval(d, ci)
     return {"diff": a.est.mean(axis=0) - b.est.mean(axis=0), "lo": lo, "hi": hi}
+
+
+def holm(pvals: list[float]) -> list[float]:
+    """Holm-Bonferroni adjusted p-values (step-down, monotone)."""
+    m = len(pvals)
+    order = sorted(range(m), key=lambda i: pvals[i])
+    adj, run = [0.0] * m, 0.0
+    for rank, i in enumerate(order):
+        run = max(run, min(1.0, (m - rank) * pvals[i]))
+        adj[i] = run
+    return adj
+
+
+def comparisons(doc: dict, stats: Callable, eval_names: list[str], targets: list[str], snames: list[str]) -> None:
+    """AR-GSE (balanced / worst) against ``targets`` (refit view): ``doc["comparisons"]`` (per view and
+    statistic: the paired difference, its CI, a two-sided bootstrap p-value, Holm's adjustment across
+    all of them, the outcome) and ``doc["verdict"]``; ``stats(view, protocol, names)`` gives the
+    methods' :class:`MethodStats`."""
+    rows = []
+    for view in VIEWS:
+        ms = stats(view, "refit", eval_names + targets)
+        for a in [n for n in eval_names if n.startswith("AR-GSE") and n in ms]:
+            for b in [n for n in targets if n in ms]:
+                c = compare(ms[a], ms[b])
+                d = ms[a].samples - ms[b].samples
+                for stat in COMPARE_STATS:
+                    j = snames.index(stat)
+                    p = float(min(1.0, 2 * min(np.mean(d[:, j] <= 0), np.mean(d[:, j] >= 0))))
+                    rows.append({"a": a, "b": b, "view": view, "stat": stat, "diff": float(c["diff"][j]),
+                                 "lo": float(c["lo"][j]), "hi": float(c["hi"][j]), "p": p})
+    for r, ph in zip(rows, holm([r["p"] for r in rows]), strict=True):
+        r["p_holm"] = ph
+        r["outcome"] = "win" if r["hi"] < 0 else "loss" if r["lo"] > 0 else "tie"
+        r["outcome_holm"] = r["outcome"] if ph < 0.05 else "tie"
+    doc["comparisons"] = rows
+    wins = [r for r in rows if r["outcome_holm"] == "win"]
+    losses = [r for r in rows if r["outcome_holm"] == "loss"]
+    doc["verdict"] = {"n": len(rows), "wins": len(wins), "losses": len(losses),
+                      "wins_raw": sum(r["outcome"] == "win" for r in rows),
+                      "losses_raw": sum(r["outcome"] == "loss" for r in rows)}

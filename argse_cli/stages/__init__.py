@@ -4,7 +4,9 @@ A stage module defines ``STAGE``, ``VERSION`` (bumped whenever its code -- the i
 the module, see :mod:`argse_cli.digests` -- changes) and ``compute(cfg, inputs, out, progress)``; optionally
 ``summary(meta) -> str``, ``show(artifact, console)`` and ``RESUMABLE = True`` (its writer works in
 the key's pending dir, which survives a kill: checkpoints in ``out.scratch``, ``out.log_metrics``). Stage modules import nothing heavy at
-module level, so computing a key and answering ``cached`` never imports torch or zarr.
+module level, so computing a key and answering ``cached`` never imports torch or zarr. A stage is
+thin -- inputs, library calls, outputs -- and imports no other stage: shared code lives in library
+modules outside this package (``tests/test_layout.py``).
 """
 
 from __future__ import annotations

@@ -25,17 +25,7 @@ import re
 from typing import Any
 
 STAGE = "baselines"
-VERSION = 8
-
-
-class _Calib:
-    """An in-memory calibration (temperatures + prior shifts) with the artifact's read API."""
-
-    def __init__(self, shift: Any, T: Any):
-        self._a = {"shift": shift, "temperature": T}
-
-    def array(self, name: str) -> Any:
-        return self._a[name]
+VERSION = 9
 
 
 def slugify(name: str) -> str:
@@ -45,9 +35,10 @@ def slugify(name: str) -> str:
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     import numpy as np
 
+    from ..ablations import variant_config, variant_mixtures, variants
     from ..core.expert_data import load_posteriors
     from ..core.gate_fit import GateModel
-    from ..evaluation import VIEWS, WEIGHT_OF_VIEW, fit_curves, views_of_eta
+    from ..evaluation import fit_curves, views_of_eta
     from ..runtime import pin_threads
 
     pin_threads()
@@ -57,12 +48,9 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     E = len(losses)
     data = {s: load_posteriors(exp, cal, s) for s in ("tuneV", "val_small", "test")}
     t = data["test"]
-    weights = {v: t[WEIGHT_OF_VIEW[v]] for v in VIEWS}
-    results: list[dict] = []
-    curves_out: dict[str, dict] = {v: {} for v in VIEWS}
-    rec = _Recorder(cfg, out, progress, t, c2g, weights, results, curves_out)
+    rec = _Recorder(cfg, out, progress, t, c2g)
     # one progress step per method: Chow and CS-plug-in per expert, DE-Chow, SB-PI, U-PI, Plug-in[Worst], gates
-    rec.total = 2 * E + 4 + len(_variants(cfg, gate_art, exp, losses, 0)) * len(cfg.seeds)
+    rec.total = 2 * E + 4 + len(variants(cfg, losses, 0)) * len(cfg.seeds)
 
     def plugin(name: str, eta: dict, *, worst: bool = False, group: str = "baseline", seed: Any = None,
                setting: str | None = None, extra: dict | None = None) -> dict:
@@ -91,27 +79,34 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     plugin("Plug-in[Worst]", uniform, worst=True)
 
     # ---- AR-GSE ablations and sensitivity (gates retrained in-process) ------------------
-    for name, group, setting, upd, calib in _variants(cfg, gate_art, exp, losses, best):
+    for v in variants(cfg, losses, best):
         for seed in cfg.seeds:
-            _ablation(rec, plugin, name, group, setting, {**upd, "seed": seed}, calib, gate_art, exp, cal, data)
+            gcfg = variant_config(gate_art.config, {**v.update, "seed": seed}, cfg.gate_epochs)
+            eta, fit = variant_mixtures(v, gcfg, exp, cal, data)
+            plugin(v.name, eta, group=v.group, seed=seed, setting=v.setting,
+                   extra={"chosen_epoch": int(fit.chosen_epoch), "criterion": fit.criterion})
     out.json("baselines.json", {"levels": list(cfg.levels), "view_fitted": cfg.view, "c": cfg.c,
-                                "results": results})
-    out.json("rc_curves.json", curves_out)
+                                "results": rec.results})
+    out.json("rc_curves.json", rec.curves_out)
     for k in ("y", "w_lt", "w_bal"):
         out.array(f"test/{k}", t[k])
     if "test/source_index" in exp.manifest.get("arrays", {}):
         out.array("test/source_index", exp.array("test/source_index"))
     out.array("class_to_group", c2g)
-    out.meta.update(methods=sorted({r["method"] for r in results}), n_results=len(results),
+    out.meta.update(methods=sorted({r["method"] for r in rec.results}), n_results=len(rec.results),
                     sb_pi_expert=losses[best])
 
 
 class _Recorder:
     """Scores one method on test (refit and sweep views) and records its results and arrays."""
 
-    def __init__(self, cfg, out, progress, test, c2g, weights, results, curves_out):
+    def __init__(self, cfg: Any, out: Any, progress: Any, test: dict, c2g: Any):
+        from ..evaluation import VIEWS, WEIGHT_OF_VIEW
+
         self.cfg, self.out, self.progress, self.t, self.c2g = cfg, out, progress, test, c2g
-        self.weights, self.results, self.curves_out = weights, results, curves_out
+        self.weights = {v: test[WEIGHT_OF_VIEW[v]] for v in VIEWS}
+        self.results: list[dict] = []
+        self.curves_out: dict[str, dict] = {v: {} for v in VIEWS}
         self.done, self.total = 0, 1
 
     def _step(self, name: str, lt: dict, protocol: str) -> None:
@@ -165,66 +160,6 @@ class _Recorder:
         self._entries(name, group, seed, slug, {"setting": setting, "refit": refit, "sweep": sweep, "fit": fit,
                                                 "operating_coverage": q, **(extra or {})})
         self._step(name, refit["views"]["lt"]["aurc"], "refit")
-
-
-def _variants(cfg: Any, gate_art: Any, exp: Any, losses: list[str], best: int) -> list[tuple]:
-    """(name, group, setting, config update, calibration or None) of the ablation / sensitivity gates."""
-    E = len(losses)
-    v: list[tuple] = []
-    if cfg.ablations:
-        want = set(cfg.ablation_variants)
-        cand = [
-            ("selective", "AR-GSE selective objective", "gate_loss=selective", {"gate_loss": "selective"}, None),
-            ("no_sparsity", "AR-GSE no sparsity", "lambda_ent=0", {"lambda_ent": 0.0}, None),
-            ("hard_routing", "AR-GSE hard routing", "hard_routing", {"hard_routing": True}, None),
-            ("one_expert", f"AR-GSE 1 expert ({losses[best]})", "experts=1", {"experts": (best,)}, None),
-        ]
-        if "ce" in losses and "balsoftmax" in losses:
-            pair = (losses.index("ce"), losses.index("balsoftmax"))
-            cand.append(("two_experts", "AR-GSE 2 experts (ce+balsoftmax)", "experts=2", {"experts": pair}, None))
-        cand.append(("balanced_posteriors", "AR-GSE balanced posteriors", "posterior=balanced", {}, "balanced"))
-        v += [(name, "ablation", setting, upd, cal) for key, name, setting, upd, cal in cand if key in want]
-        if E >= 6 and "two_experts" in want:
-            v.append(("AR-GSE 6 experts", "ablation", "experts=6", {"experts": tuple(range(6))}, None))
-    if cfg.sensitivity:
-        for label, upd in [("gate 2 layers", {"hidden": (128,)}), ("gate 3 layers", {"hidden": (128, 64)}),
-                           *[(f"lambda_ent={x:g}", {"lambda_ent": x}) for x in (1e-4, 1e-3, 1e-2)],
-                           *[(f"c={x:g}", {"c": x}) for x in (0.02, 0.05, 0.1)]]:
-            v.append((f"AR-GSE {label}", "sensitivity", label, upd, None))
-    return v
-
-
-def _ablation(rec: _Recorder, plugin: Any, name: str, group: str, setting: str, upd: dict, calib: Any,
-              gate_art: Any, exp: Any, cal: Any, data: dict) -> None:
-    """Train one ablation gate in-process and record its refitted curves."""
-    import numpy as np
-
-    from ..config import TrainGateConfig
-    from ..core.expert_data import load_posteriors, log_prior
-    from ..experts.calibration import fit_temperature
-    from .train_gate import fit_gate
-
-    base = {k: v for k, v in gate_art.config.items() if v is not None and k not in ("beta", "xi", "T")}
-    if rec.cfg.gate_epochs:
-        base["epochs"] = rec.cfg.gate_epochs
-        base["patience"] = min(base.get("patience", 15), rec.cfg.gate_epochs)
-    gcfg = TrainGateConfig.model_validate({**base, **upd, "beta": "balanced"}).resolved()
-    cal_use = cal
-    if calib == "balanced":  # refit temperatures for shift = tau - 1 on the same split and view
-        shift_b = np.array([e["tau"] - 1.0 for e in exp.meta["experts"]], np.float32)
-        fs = cal.config.get("fit_split", "val_small")
-        wv = "w_lt" if cal.config.get("view", "lt") == "lt" else "w_bal"
-        Tb = [fit_temperature(exp.array(f"{fs}/logits")[:, e].astype(np.float32), exp.array(f"{fs}/labels"),
-                              log_prior(exp), float(shift_b[e]), w=exp.array(f"{fs}/{wv}"))
-              for e in range(len(shift_b))]
-        cal_use = _Calib(shift_b, np.asarray(Tb, np.float32))
-    fit = fit_gate(gcfg, exp, cal_use)
-    sub = list(gcfg.experts) if gcfg.experts is not None else None
-    post = ({s: load_posteriors(exp, cal_use, s, sub)["post"] for s in ("tuneV", "val_small", "test")}
-            if (calib is not None or sub is not None) else {s: data[s]["post"] for s in data})
-    eta = {s: fit.model.mixture(post[s]) for s in post}
-    plugin(name, eta, group=group, seed=upd["seed"], setting=setting,
-           extra={"chosen_epoch": int(fit.chosen_epoch), "criterion": fit.criterion})
 
 
 def summary(meta: dict) -> str:
