@@ -36,6 +36,16 @@ STAGE = "import-logits"
 VERSION = 7
 
 
+def run(cfg: Any, store: Any, force: bool = False, quiet: bool = False, rehash: bool = False) -> str:
+    """Run (or find cached) the import; returns its key (the Python API's entry point)."""
+    from ..logit_import import key_extra
+    from . import run_stage
+
+    extra = key_extra(cfg, store, rehash=rehash)
+    key, _ = run_stage("import-logits", cfg, {}, {}, store, force=force, extra=extra, quiet=quiet)
+    return key
+
+
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     import numpy as np
 
