@@ -674,3 +674,30 @@ def test_results_parquet(report_art, tmp_path):
     art, _ = report_art
     pq = export_results(art.key, "parquet", tmp_path / "r.parquet", art.store)
     assert pd.read_parquet(pq).shape == results(art.key, art.store).shape
+
+
+def test_image_ids_only_from_exports_of_official_images():
+    """Cross-fold disjointness uses image identities: export-logits' official-array indices, never
+    import-logits' rows of a source file (row 48 of two folds' files are different images)."""
+    from argse_cli.report.inputs import _image_ids
+
+    class Art:
+        def __init__(self, stage, up_stages, gate=None):
+            self.stage, self.manifest, self._gate = stage, {"upstream_stages": up_stages}, gate
+
+        def upstream(self, role):
+            assert role == "gate"
+            return self._gate
+
+        def array(self, name):
+            assert name == "test/source_index"
+            return np.arange(3)
+
+    names = {"test/source_index"}
+    exported = Art("train-gate", {"export": "export-logits", "calibrate": "calibrate"})
+    imported = Art("train-gate", {"export": "import-logits", "calibrate": "calibrate"})
+    assert _image_ids(Art("eval", {"gate": "train-gate"}, exported), names).tolist() == [0, 1, 2]
+    assert _image_ids(Art("eval", {"gate": "train-gate"}, imported), names) is None
+    assert _image_ids(Art("baselines", {"export": "import-logits"}), names) is None
+    assert _image_ids(Art("baselines", {"export": "export-logits"}), names).tolist() == [0, 1, 2]
+    assert _image_ids(Art("baselines", {"export": "export-logits"}), set()) is None

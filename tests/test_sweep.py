@@ -295,16 +295,16 @@ def test_killed_job_resubmitted_completes_once(world, sequential, tmp_path):
     proc.stderr.close()
     s = Store(store)
     assert not s.exists("train-expert", exp_run.key)
-    (tmp,) = s.temp_dirs()
-    assert (tmp / "files" / "model.safetensors").is_file()  # it had started writing
+    (pend,) = s.pending_dirs()  # train-expert is resumable: its writer works in the key's pending dir
+    assert (pend / "files" / "model.safetensors").is_file()  # it had started writing
 
     # resubmit the sweep: the killed key is recomputed, the split is a cache hit
     rc = sweep_command(
         world["cfg"], store, seeds="42", losses=["ce"], until="train-expert", quiet=True
     )
     assert rc == 0
-    assert [str(tmp)] == s.gc()  # the dead writer's temp dir (and nothing else)
-    assert s.temp_dirs() == []
+    assert s.pending_dirs() == [] and s.temp_dirs() == []  # the rerun took the pending dir over and published
+    assert s.gc() == []
     stage_dir = store / "train-expert"
     assert sorted(p.name for p in stage_dir.iterdir()) == [".locks", exp_run.key]
     assert list((stage_dir / ".locks").iterdir()) == []

@@ -8,6 +8,18 @@ from typing import Any
 from .compare import VIEWS, Result, cached
 
 
+def _image_ids(art: Any, names: set) -> Any:
+    """The test rows' image identities, or None when the scored export has none: export-logits
+    stores indices into the official CIFAR arrays (comparable across folds); import-logits stores
+    rows of each source file, which identify no image across imports (a cross-fitting protocol
+    asserts its folds' disjointness itself, e.g. :func:`argse_cli.data.c100lt.crossfit_protocol`)."""
+    gate_or_self = art.upstream("gate") if art.stage == "eval" else art
+    stages = gate_or_self.manifest.get("upstream_stages") or {}
+    if stages.get("export") != "export-logits" or "test/source_index" not in names:
+        return None
+    return art.array("test/source_index")
+
+
 def _fold_of(art: Any) -> str:
     """The test set's identity: the export / import key the result was scored on."""
     if art.stage == "eval":
@@ -22,7 +34,7 @@ def _eval_results(art: Any) -> list:
     def load() -> dict:
         d = {k: art.array(f"test/{k}") for k in ("score", "pred", "y", "w_lt", "w_bal")}
         d["class_to_group"] = art.array("class_to_group")
-        d["source_index"] = art.array("test/source_index") if "test/source_index" in names else None
+        d["source_index"] = _image_ids(art, names)
         d["refit"] = {v: (art.array(f"refit/{v}/score"), art.array(f"refit/{v}/pred")) for v in VIEWS}
         return d
 
@@ -41,7 +53,7 @@ def _baseline_results(art: Any) -> list:
     def shared() -> dict:
         d = {k: art.array(f"test/{k}") for k in ("y", "w_lt", "w_bal")}
         d["class_to_group"] = art.array("class_to_group")
-        d["source_index"] = art.array("test/source_index") if "test/source_index" in names else None
+        d["source_index"] = _image_ids(art, names)
         return d
 
     out = []
