@@ -41,10 +41,10 @@ from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 
-from .config import StageConfig, resolve_device, section_name
+from .config import resolve_device, section_name
 from .dag import DAG, RUN_ORDER
 from .errors import ArgseError
-from .pipeline import SECTIONS, Memo, Pipeline, load_file, validate
+from .pipeline import SECTIONS, Memo, Pipeline, Resolved, load_file, validate
 from .store import Store
 
 STAGE_ORDER = RUN_ORDER
@@ -150,15 +150,10 @@ def point_doc(
 
 # ------------------------------------------------------------------------------- runs
 @dataclass(frozen=True)
-class RunSpec:
-    """One stage run: everything ``run_stage`` needs, plus the grid point and dependency level."""
+class RunSpec(Resolved):
+    """One stage run: a resolved stage instance (everything ``run_stage`` needs, and its key), plus
+    the grid point and dependency level."""
 
-    stage: str
-    config: StageConfig
-    upstream: dict[str, Any]
-    upstream_stages: dict[str, str]
-    extra: dict[str, Any]
-    key: str
     point: dict[str, Any] = field(default_factory=dict)
     level: int = 0
 
