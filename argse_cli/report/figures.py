@@ -39,6 +39,13 @@ _STYLES = ("-", "--", "-.", ":")
 _DPI = 150
 
 
+
+def _wrap(title: str, width: int = 70) -> str:
+    """A title broken into lines of at most ``width`` characters (long titles otherwise run off the axes)."""
+    import textwrap
+
+    return "\n".join(textwrap.wrap(title, width)) or title
+
 def _view_title(view: str | None) -> str:
     return VIEW_TITLE.get(view or "", str(view))
 
@@ -163,7 +170,7 @@ def plot_rc_curves(
     ax.legend(handles, labels, fontsize=7, loc="upper left", bbox_to_anchor=(1.01, 1.0), frameon=False)
     head = f"{title}: " if title else ""
     tail = f" ({subtitle})" if subtitle else ""
-    ax.set_title(f"{head}{name.lower() if head else name} vs coverage{tail}, {_view_title(view)}", fontsize=10)
+    ax.set_title(_wrap(f"{head}{name.lower() if head else name} vs coverage{tail}, {_view_title(view)}"), fontsize=10)
     _banner(fig, banner)
     return _save(fig, path_stem, formats)
 
@@ -223,7 +230,7 @@ def plot_margin_hist(
     ax.grid(True, alpha=0.3)
     ax.legend(fontsize=8)
     head = f"{title}: " if title else ""
-    ax.set_title(f"{head}test margin per group, {_view_title(view)}", fontsize=10)
+    ax.set_title(_wrap(f"{head}test margin per group, {_view_title(view)}"), fontsize=10)
     _banner(fig, banner)
     return _save(fig, path_stem, formats)
 
@@ -305,7 +312,7 @@ def plot_trajectories(
         ax.grid(True, alpha=0.3)
         ax.legend(fontsize=7)
     head = f"{title}: " if title else ""
-    fig.suptitle(f"{head}gate training trajectories, {_view_title(view)}", fontsize=11)
+    fig.suptitle(_wrap(f"{head}gate training trajectories, {_view_title(view)}", 90), fontsize=11)
     return _save(fig, path_stem, formats)
 
 
