@@ -41,10 +41,11 @@ def assert_one_line_error(res: subprocess.CompletedProcess, words: list[str]) ->
     return errors[0]
 
 
-def foreign_import(d: Path, *, classes_x1: int = 10, class_to_group: list[int] | None = None) -> Path:
-    """An import-logits pipeline file over small npy files (C = 10); returns its path."""
+def foreign_section(d: Path, *, classes_x1: int = 10) -> dict:
+    """Write small npy logits / labels (2 experts, C = 10, 40 rows per split) and counts under ``d``;
+    returns the ``import_logits`` section over them (expert x1's val_small has ``classes_x1`` columns)."""
     rng = np.random.default_rng(0)
-    d.mkdir(parents=True)
+    d.mkdir(parents=True, exist_ok=True)
     C, n = 10, 40
     (d / "counts.json").write_text(json.dumps([100, 80, 60, 40, 30, 20, 10, 8, 6, 5]))
     experts = [
@@ -60,8 +61,13 @@ def foreign_import(d: Path, *, classes_x1: int = 10, class_to_group: list[int] |
             cols = classes_x1 if (e == 1 and s == "val_small") else C
             np.save(d / f"f{e}_{s}.npy", rng.standard_normal((n, cols)).astype(np.float32))
             ex["logits"][s] = str(d / f"f{e}_{s}.npy")
-    sec = {"experts": experts, "labels": labels, "class_counts": str(d / "counts.json"),
-           "group_rule": "quantile:0.5"}  # fmt: skip
+    return {"experts": experts, "labels": labels, "class_counts": str(d / "counts.json"),
+            "group_rule": "quantile:0.5"}  # fmt: skip
+
+
+def foreign_import(d: Path, *, classes_x1: int = 10, class_to_group: list[int] | None = None) -> Path:
+    """An import-logits pipeline file over small npy files (C = 10); returns its path."""
+    sec = foreign_section(d, classes_x1=classes_x1)
     if class_to_group is not None:
         (d / "groups.json").write_text(json.dumps(class_to_group))
         sec["class_to_group"] = str(d / "groups.json")

@@ -29,6 +29,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import yaml
+from _checks import foreign_section
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
@@ -386,20 +387,11 @@ def _import_doc(d: Path, case) -> Path:
     """An import-logits pipeline file (2 experts, C = 10, 40 rows per split) with one damaged
     file in the case's format and role."""
     role, fmt, how, frac, junk = case
-    rng = np.random.default_rng(0)
+    sec = foreign_section(d)
+    sec["chunk_rows"] = 16
+    experts, labels = sec["experts"], sec["labels"]
+    rng = np.random.default_rng(1)
     C, n = 10, 40
-    (d / "counts.json").write_text(json.dumps([100, 80, 60, 40, 30, 20, 10, 8, 6, 5]))
-    experts = [{"name": f"x{e}", "loss": lo, "logits": {}} for e, lo in enumerate(("ce", "balsoftmax"))]
-    labels = {}
-    for s in HELDOUT_SPLITS:
-        y = rng.permutation(np.arange(n) % C)
-        np.save(d / f"y_{s}.npy", y)
-        labels[s] = str(d / f"y_{s}.npy")
-        for e, ex in enumerate(experts):
-            np.save(d / f"f{e}_{s}.npy", rng.standard_normal((n, C)).astype(np.float32))
-            ex["logits"][s] = str(d / f"f{e}_{s}.npy")
-    sec = {"experts": experts, "labels": labels, "class_counts": str(d / "counts.json"),
-           "group_rule": "quantile:0.5", "chunk_rows": 16}  # fmt: skip
     if role == "logits":
         p = _write(d / "bad", fmt, rng.standard_normal((n, C)).astype(np.float32))
         experts[0]["logits"]["test"] = str(p)
