@@ -12,6 +12,7 @@ import fcntl
 import json
 import os
 import shutil
+import signal
 import subprocess
 import sys
 import time
@@ -215,3 +216,22 @@ def leftovers(store: Path) -> list[str]:
 def complete_keys(store: Path) -> set[tuple[str, str]]:
     """(stage, key) of every complete artifact in the store."""
     return {(a.stage, a.key) for a in Store(store).list()}
+
+
+def kill_when(p: subprocess.Popen, hit, timeout: float, poll: float = 0.001) -> float:
+    """SIGKILL ``p`` as soon as ``hit(seconds since start)`` is true; stop watching when it exits or
+    after ``timeout`` s. The process is always reaped (killed if still running). Returns the seconds
+    watched."""
+    t0 = time.perf_counter()
+    try:
+        while p.poll() is None and time.perf_counter() - t0 < timeout:
+            if hit(time.perf_counter() - t0):
+                os.kill(p.pid, signal.SIGKILL)
+                break
+            time.sleep(poll)
+    finally:
+        if p.poll() is None:
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(p.pid, signal.SIGKILL)
+        p.wait(timeout=60)
+    return time.perf_counter() - t0

@@ -19,16 +19,14 @@ from __future__ import annotations
 
 import contextlib
 import json
-import os
 import shutil
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import pytest
-from _tiny import STAGES, Tiny, arrays_of, cli_env, complete_keys, leftovers
+from _tiny import STAGES, Tiny, arrays_of, cli_env, complete_keys, kill_when, leftovers
 
 from argse_cli.store import DATA, MARKER, Store
 
@@ -96,20 +94,10 @@ def kill_at(
     file exists). Fails if the process finished before the point was reached.
     """
     p = t.popen(stage, store, log)
-    t0 = time.perf_counter()
     try:
-        while p.poll() is None and time.perf_counter() - t0 < timeout:
-            if _happened(point, store, stage, p.pid, time.perf_counter() - t0):
-                os.kill(p.pid, signal.SIGKILL)
-                break
-            time.sleep(0.001)
+        dt = kill_when(p, lambda el: _happened(point, store, stage, p.pid, el), timeout)
     finally:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=60)
         p.log_fh.close()  # type: ignore[attr-defined]
-    dt = time.perf_counter() - t0
     assert p.returncode == -signal.SIGKILL, (
         f"{stage} exited {p.returncode} before kill point {point!r} ({dt:.2f} s):\n"
         + log.read_text()[-2000:]
@@ -222,21 +210,14 @@ def _kill_gc_keep(t: Tiny, store: Path, keep: str, point: str, log: Path) -> boo
     fh = open(log, "w")  # noqa: SIM115 - closed below
     p = subprocess.Popen([sys.executable, "-m", "argse_cli.cli", "gc", "--keep", keep],
                          env=cli_env(store, t.data), stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
-    t0 = time.perf_counter()
+    kind, _, arg = point.partition(":")
+
+    def hit(elapsed: float) -> bool:
+        return bool(list(store.glob("*/.trash-*"))) if kind == "trash" else elapsed >= float(arg)
+
     try:
-        while p.poll() is None and time.perf_counter() - t0 < 120:
-            kind, _, arg = point.partition(":")
-            hit = (bool(list(store.glob("*/.trash-*"))) if kind == "trash"
-                   else time.perf_counter() - t0 >= float(arg))  # fmt: skip
-            if hit:
-                os.kill(p.pid, signal.SIGKILL)
-                break
-            time.sleep(0.0005)
+        kill_when(p, hit, 120, poll=0.0005)
     finally:
-        if p.poll() is None:
-            with contextlib.suppress(ProcessLookupError):
-                os.kill(p.pid, signal.SIGKILL)
-        p.wait(timeout=60)
         fh.close()
     return p.returncode == -signal.SIGKILL
 

@@ -16,6 +16,7 @@ from pathlib import Path
 
 import pytest
 import yaml
+from _tiny import kill_when
 
 from argse_cli.store import Store
 
@@ -78,20 +79,15 @@ def test_sigkill_then_rerun_resumes_bit_equal(world, tmp_path):
     with open(log, "w") as fh:
         p = subprocess.Popen([sys.executable, "-m", "argse_cli.cli", "train-expert", "-c", str(world["cfg"]), "-q"],
                              env=_env(store, data), stdout=fh, stderr=subprocess.STDOUT)  # fmt: skip
-        t0 = time.perf_counter()
-        try:
+
+        def epoch_two_done(_elapsed: float) -> bool:
             # kill once epoch 2's row is in the live log (its checkpoint was written just after)
-            while p.poll() is None and time.perf_counter() - t0 < 600:
-                if len(_epoch_rows(pending / "metrics.jsonl")) >= 2:
-                    time.sleep(0.05)
-                    os.kill(p.pid, signal.SIGKILL)
-                    break
-                time.sleep(0.01)
-        finally:
-            if p.poll() is None:
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(p.pid, signal.SIGKILL)
-            p.wait(timeout=60)
+            if len(_epoch_rows(pending / "metrics.jsonl")) < 2:
+                return False
+            time.sleep(0.05)
+            return True
+
+        kill_when(p, epoch_two_done, 600, poll=0.01)
     assert p.returncode == -signal.SIGKILL, log.read_text()[-2000:]
     assert not Store(store).exists("train-expert", key)
     done = [r["epoch"] for r in _epoch_rows(pending / "metrics.jsonl")]
