@@ -88,14 +88,16 @@ def balanced_calibration(exp: Any, cal: Any) -> _Calib:
     return _Calib(shift_b, np.asarray(Tb, np.float32))
 
 
-def variant_mixtures(variant: Variant, gcfg: Any, exp: Any, cal: Any, data: dict) -> tuple[dict, Any]:
-    """Train the variant's gate (config ``gcfg``) and return ({split: eta}, the gate fit) on
-    tuneV, val_small and test; ``data`` holds the full calibration's posteriors."""
+def variant_mixtures(variant: Variant, gcfg: Any, exp: Any, cal: Any, data: dict,
+                     progress: Any = None) -> tuple[dict, Any]:
+    """Train the variant's gate (config ``gcfg``; its epochs reported to ``progress``) and return
+    ({split: eta}, the gate fit) on tuneV, val_small and test; ``data`` holds the full
+    calibration's posteriors."""
     from .core.expert_data import load_posteriors
     from .core.gated import fit_gate
 
     cal_use = balanced_calibration(exp, cal) if variant.calib == "balanced" else cal
-    fit = fit_gate(gcfg, exp, cal_use)
+    fit = fit_gate(gcfg, exp, cal_use, progress)
     sub = list(gcfg.experts) if gcfg.experts is not None else None
     post = ({s: load_posteriors(exp, cal_use, s, sub)["post"] for s in ("tuneV", "val_small", "test")}
             if (variant.calib is not None or sub is not None) else {s: data[s]["post"] for s in data})

@@ -153,11 +153,11 @@ CostAlias = Annotated[float | None, typer.Option("--c", hidden=True, help="old n
 
 
 def _one_line(msg: str) -> str:
-    """Control characters (a newline in a field name or a file path) shown escaped: the error
-    stays one line."""
+    """Control characters and every other line break ``str.splitlines`` knows (a newline, or a
+    YAML ``"\\N"`` = U+0085, in a field name or a file path) shown escaped: the error stays one line."""
     import re
 
-    return re.sub(r"[\x00-\x1f\x7f]", lambda m: repr(m.group())[1:-1], msg)
+    return re.sub(r"[\x00-\x1f\x7f-\x9f\u2028\u2029]", lambda m: m.group().encode("unicode_escape").decode(), msg)
 
 
 def _fail(msg: str) -> None:
@@ -980,7 +980,7 @@ def main() -> None:
         print("error: interrupted; nothing was published", file=sys.stderr, flush=True)
         sys.exit(2)
     except typer.TyperException as e:  # click's usage errors: one line, exit 2
-        print(f"error: {_usage_line(e)}", file=sys.stderr, flush=True)
+        print(f"error: {_one_line(_usage_line(e))}", file=sys.stderr, flush=True)
         sys.exit(2)
     sys.exit(rc if isinstance(rc, int) else 0)
 

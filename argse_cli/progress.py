@@ -8,7 +8,10 @@ One :class:`Progress` per stage run. Loops report through it:
 - ``progress.phase(name)`` names the loop that follows (e.g. ``"bootstrap (refit, lt)"``);
 - ``progress.log(msg)`` prints one line (above the bar on a TTY), e.g. early stopping;
 - ``progress.warn(msg)`` prints ``warning: msg`` even with ``--quiet`` and keeps it in
-  ``progress.warnings`` for the stage to store.
+  ``progress.warnings`` for the stage to store;
+- ``progress.child(name)`` is the progress of a loop nested in the current step (a gate's epochs
+  inside the baselines' methods): its own bar (or lines) under the parent's, which keeps its
+  count and clock; the child's bar is removed when the child is closed.
 
 On a TTY the bar shows the name, the bar, M/N, elapsed time, ETA and the stats, on one line that
 never wraps (the stats are cut with an ellipsis when the terminal is narrow). Without a TTY one
@@ -78,6 +81,7 @@ class Progress:
         self._last = -1e18
         self._rich: Any = None
         self._task: Any = None
+        self._parent: Progress | None = None
         self._mark = time.monotonic()  # the last event (creation, phase, step, log): a new loop's start
 
     # ------------------------------------------------------------------ naming and lines
@@ -142,8 +146,20 @@ class Progress:
             yield x
             self(i, n)
 
+    def child(self, name: str) -> Progress:
+        """The progress of a loop nested in the current step, named ``<this name>: <name>``; it
+        shares this one's stream, Rich display and warnings. Close it when its loop ends."""
+        c = Progress(f"{self.name}: {name}", self.every_s, self.quiet, stream=self.stream, tty=self.tty,
+                     width=self.width)
+        c.warnings = self.warnings
+        c._parent = self
+        return c
+
     # ------------------------------------------------------------------ Rich
-    def _draw(self, step: int, total: int, stats: dict[str, Any] | None, new: bool) -> None:
+    def _ensure_rich(self) -> Any:
+        if self._parent is not None:
+            self._rich = self._parent._ensure_rich()
+            return self._rich
         if self._rich is None:
             from rich.console import Console
             from rich.progress import (
@@ -170,6 +186,10 @@ class Progress:
                 console=console, transient=False, expand=True,
             )
             self._rich.start()
+        return self._rich
+
+    def _draw(self, step: int, total: int, stats: dict[str, Any] | None, new: bool) -> None:
+        self._ensure_rich()
         if new or self._task is None:
             self._task = self._rich.add_task(self.name, total=total, stats="")
             for t in self._rich.tasks:  # the loop began before its first step was reported
@@ -184,6 +204,13 @@ class Progress:
             self._task = None
 
     def close(self) -> None:
+        if self._parent is not None:  # a child removes its own bar; the display is the parent's
+            if self._rich is not None and self._task is not None:
+                self._rich.refresh()  # its last state is drawn once, then the bar goes
+                self._rich.remove_task(self._task)
+            self._task, self._rich, self._loop, self._step = None, None, None, 0
+            self._parent._mark = time.monotonic()
+            return
         self._end_task()
         if self._rich is not None:
             self._rich.stop()

@@ -306,7 +306,7 @@ def _config_property(data, store: Path, run: bool) -> None:
         shutil.rmtree(tmp, ignore_errors=True)
 
 
-@settings(**{**SHORT, "max_examples": 15})
+@settings(**{**SHORT, "max_examples": 8})  # the long version (400 examples) is in the slow set
 @given(data=st.data())
 def test_short_config_values_every_stage_command(mini, data):
     with copy_of(mini[0]) as store:
@@ -544,3 +544,13 @@ def test_apply_with_damaged_logits_files(tiny, case):
                  str(d / "out.npz")], t.store).check()  # fmt: skip
     finally:
         shutil.rmtree(d, ignore_errors=True)
+
+
+@pytest.mark.parametrize("key", ['"\\N"', '"a\\u2028b"', '"x\\ny"'])
+def test_a_line_break_in_a_field_name_stays_one_error_line(mini, tmp_path, key):
+    # found by the harness: YAML's "\N" is U+0085, a line break for str.splitlines
+    (tmp_path / "p.yaml").write_text(f"split:\n  ? {key}\n  : null\n")
+    with copy_of(mini[0]) as store, guarded(store):
+        call = cli(["split", "-c", str(tmp_path / "p.yaml"), "--print-config"], store,
+                   ARGSE_DATA=str(tmp_path / "nodata")).check(allow=(2,))
+    assert "Extra inputs" in call.stderr

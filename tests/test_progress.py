@@ -102,3 +102,43 @@ def test_track_iterates_with_one_step_per_item(clock):
     p = Progress("report", stream=out, tty=False, every_s=0.0)
     assert list(p.track(["a", "b", "c"], "figures")) == ["a", "b", "c"]
     assert [ln.split()[2] for ln in out.getvalue().splitlines()] == ["1/3", "2/3", "3/3"]
+
+
+def test_a_child_loop_gets_its_own_lines_and_the_parent_keeps_its_count_and_clock(clock):
+    # baselines: one step per method, and each ablation gate's epochs as a loop of their own
+    out = io.StringIO()
+    p = Progress("baselines", stream=out, tty=False, every_s=0.0)
+    clock.t += 10.0
+    p(1, 3, {"method": "Chow (ce)"})
+    child = p.child("no sparsity seed 0: gate epochs")
+    for e in range(1, 4):
+        clock.t += 1.0
+        child(e, 3, {"loss": 0.5})
+    child.log("early stop at epoch 3/40: val criterion not improved for 2 epochs (best epoch 1)")
+    child.warn("a warning inside the gate")
+    child.close()
+    p(2, 3, {"method": "no sparsity"})
+    lines = out.getvalue().splitlines()
+    assert lines[0].startswith("[baselines] 1/3")
+    assert [ln.split("] ")[1].split()[0] for ln in lines[1:4]] == ["1/3", "2/3", "3/3"]
+    assert all(ln.startswith("[baselines: no sparsity seed 0: gate epochs] ") for ln in lines[1:4])
+    assert lines[4].startswith("early stop at epoch 3/40") and lines[5] == "warning: a warning inside the gate"
+    # the parent's loop goes on (2/3, not a new 1/N loop) and its clock counts the child's time
+    assert lines[6].startswith("[baselines] 2/3  67% elapsed 0:00:13")
+    assert p.warnings == ["a warning inside the gate"]
+
+
+def test_a_child_bar_shares_the_parents_rich_display_and_is_removed_when_closed():
+    out = io.StringIO()
+    p = Progress("baselines", stream=out, tty=True, width=120)
+    p(1, 3, {"method": "Chow (ce)"})
+    child = p.child("hard routing seed 1: gate epochs")
+    for e in range(1, 6):
+        child(e, 5, {"loss": 0.25})
+    assert child._rich is p._rich and len(p._rich.tasks) == 2  # one display, two bars
+    child.close()
+    assert len(p._rich.tasks) == 1
+    p(2, 3)
+    p.close()
+    text = re.sub(r"\x1b\[[0-9;?]*[A-Za-z]", "", out.getvalue())
+    assert "5/5" in text and "2/3" in text

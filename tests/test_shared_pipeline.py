@@ -96,6 +96,7 @@ PIPE = {
 }  # fmt: skip
 
 
+@pytest.mark.slow  # ~16 s on 2 cores; the shared trainer itself is tested in tests/test_shared.py
 def test_cli_shared_backbone_train_export_calibrate(tmp_path, monkeypatch):
     from argse_cli.data.images import load_images, split_arrays
     from argse_cli.data.synthetic import write_synthetic_cifar10

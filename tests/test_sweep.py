@@ -236,6 +236,7 @@ def test_slurm_job_array_parameters(tmp_path):
 
 
 # ------------------------------------------------------------------ execution (the acceptance)
+@pytest.mark.slow  # ~20 s on 2 cores (five training jobs through submitit's local executor)
 def test_local_executor_equals_sequential_then_nothing_to_submit(
     world, sequential, tmp_path, capsys
 ):

@@ -70,6 +70,7 @@ def world(tmp_path_factory):
     return {"root": root, "data": data, "cfg": cfg, "ref": ref, "split_only": split_only, "key": key}
 
 
+@pytest.mark.slow  # ~20 s on 2 cores; the loop-level resume is tested by tests/test_loop.py
 def test_sigkill_then_rerun_resumes_bit_equal(world, tmp_path):
     key, data = world["key"], world["data"]
     store = tmp_path / "store"

@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 STAGE = "baselines"
-VERSION = 9
+VERSION = 10
 
 
 def slugify(name: str) -> str:
@@ -50,6 +50,7 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     t = data["test"]
     rec = _Recorder(cfg, out, progress, t, c2g)
     # one progress step per method: Chow and CS-plug-in per expert, DE-Chow, SB-PI, U-PI, Plug-in[Worst], gates
+    # (each ablation gate's epochs get a bar of their own under this one)
     rec.total = 2 * E + 4 + len(variants(cfg, losses, 0)) * len(cfg.seeds)
 
     def plugin(name: str, eta: dict, *, worst: bool = False, group: str = "baseline", seed: Any = None,
@@ -82,7 +83,11 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     for v in variants(cfg, losses, best):
         for seed in cfg.seeds:
             gcfg = variant_config(gate_art.config, {**v.update, "seed": seed}, cfg.gate_epochs)
-            eta, fit = variant_mixtures(v, gcfg, exp, cal, data)
+            epochs = progress.child(f"{v.name} seed {seed}: gate epochs")
+            try:
+                eta, fit = variant_mixtures(v, gcfg, exp, cal, data, epochs)
+            finally:
+                epochs.close()
             plugin(v.name, eta, group=v.group, seed=seed, setting=v.setting,
                    extra={"chosen_epoch": int(fit.chosen_epoch), "criterion": fit.criterion})
     out.json("baselines.json", {"levels": list(cfg.levels), "view_fitted": cfg.view, "c": cfg.c,
