@@ -246,3 +246,17 @@ def test_apply_errors(e2e, tmp_path):
         )
     with pytest.raises(ArgseError, match="no complete train-gate artifact"):
         load_rejector("abcdef012345", e2e["store"])
+
+
+def test_streamed_rows_restricted_to_a_subset_equal_the_subset_of_all_rows(e2e):
+    # gate_views reads every chunk but calibrates only the rule-fit rows (fit_rows)
+    from argse_cli.core.expert_data import ZarrSource
+
+    cal = e2e["store"].open("calibrate", e2e["cal"])
+    src = ZarrSource(e2e["import"], cal, "tuneV", "w_lt", 1, 0, 2)
+    full = [torch.cat(t) for t in zip(*src.iter_rows(), strict=True)]
+    keep = np.sort(np.random.default_rng(0).choice(N, 333, replace=False))
+    part = [torch.cat(t) for t in zip(*src.iter_rows(keep), strict=True)]
+    for a, b in zip(full, part, strict=True):
+        assert torch.equal(a[torch.from_numpy(keep)], b)
+    assert src.max_resident_rows == 2 * 512  # whole buffers are still read

@@ -262,3 +262,15 @@ def test_hard_routing_uses_one_expert_per_sample():
     w = fit.model.weights(post[:40])
     np.testing.assert_array_equal(np.sort(w, axis=1), np.tile([0.0, 1.0], (40, 1)))
     np.testing.assert_allclose(fit.model.mixture(post[:40]), post[np.arange(40), w.argmax(1)], atol=1e-6)
+
+
+@pytest.mark.parametrize("bad", [float("nan"), float("inf"), -float("inf")])
+def test_a_non_finite_posterior_entry_is_named_by_its_row(bad):
+    from argse_cli.core.gate_fit import InMemorySource, NLLCache
+    from argse_cli.errors import ArgseError
+
+    rng = np.random.default_rng(0)
+    p = rng.dirichlet(np.ones(6), size=(40, 2)).astype(np.float32)
+    p[17, 1, 3] = bad
+    with pytest.raises(ArgseError, match="training row 17 has non-finite"):
+        NLLCache(InMemorySource(p, rng.integers(0, 6, 40)))

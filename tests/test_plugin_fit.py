@@ -302,3 +302,15 @@ def test_curve_scores_hit_each_coverage_without_labels(two_group):
         assert np.array_equal(P[i], cur.rule(i).predict(eta[:2000]))
     test2 = Split.from_eta(eta[:2000], y[:2000], C2G_2, w_bal[:2000])  # the same with labels
     assert np.array_equal(curve_scores(cur, test2)[0], S)
+
+
+def test_coverage_cut_of_shared_rows_equals_the_cut_of_the_expanded_rows():
+    # the fixed point's first iteration sorts each distinct margin row once (rows=)
+    from argse_cli.core.plugin_fit import coverage_cut
+
+    rng = np.random.default_rng(3)
+    base_u = np.round(rng.standard_normal((4, 300)), 1).astype(np.float32)  # ties included
+    w = rng.integers(0, 3, 300).astype(np.float32)
+    rows = rng.integers(0, 4, 50)
+    q = np.concatenate([[0.0, 1.0, 1e-9], rng.uniform(0, 1, 47)])
+    assert np.array_equal(coverage_cut(base_u, w, q, rows=rows), coverage_cut(base_u[rows], w, q))

@@ -89,11 +89,12 @@ class ZarrSource:
         rng = np.random.default_rng([self.seed, epoch])
         yield from self._read(rng.permutation(self.n_chunks), rng)
 
-    def iter_rows(self):
-        """(post, y, w) in the stored row order, one buffer at a time (no shuffling)."""
-        yield from self._read(np.arange(self.n_chunks), None)
+    def iter_rows(self, keep: Any = None):
+        """(post, y, w) in the stored row order, one buffer at a time (no shuffling). ``keep``
+        (sorted row indices) restricts them to those rows: the others are read, never calibrated."""
+        yield from self._read(np.arange(self.n_chunks), None, keep)
 
-    def _read(self, order: Any, rng: Any):
+    def _read(self, order: Any, rng: Any, keep: Any = None):
         import numpy as np
         import torch
 
@@ -108,13 +109,18 @@ class ZarrSource:
             for _, blk in self._chunks("logits", sel):
                 f[at : at + len(blk)] = blk
                 at += len(blk)
+            self.max_resident_rows = max(self.max_resident_rows, len(f))
+            y = np.concatenate([blk for _, blk in self._chunks("labels", sel)])
+            w = np.concatenate([blk for _, blk in self._chunks(wname, sel)])
+            if keep is not None:  # stored order: this buffer holds rows [start, start + len)
+                start = int(sel[0]) * cr
+                i = keep[(keep >= start) & (keep < start + len(y))] - start
+                f, y, w = f[i], y[i], w[i]
             if self.experts is not None:
                 f = f[:, list(self.experts)]
             post = torch.from_numpy(apply_calibration(f, self.log_pi, self.shift, self.T))
             del f
-            y = torch.from_numpy(np.concatenate([blk for _, blk in self._chunks("labels", sel)])).long()
-            w = torch.from_numpy(np.concatenate([blk for _, blk in self._chunks(wname, sel)])).float()
-            self.max_resident_rows = max(self.max_resident_rows, len(y))
+            y, w = torch.from_numpy(y).long(), torch.from_numpy(w).float()
             if rng is None:
                 yield post, y, w
                 continue

@@ -45,10 +45,14 @@ def feature_dim(num_experts: int) -> int:
 
 
 def _per_expert_features(p: torch.Tensor) -> torch.Tensor:
-    """[B, E, C] float32 probabilities -> [B, E, 7] features (see module docstring)."""
+    """[B, E, C] float32 probabilities -> [B, E, 7] features (see module docstring).
+
+    Computed with one [B, E, C] temporary (log p, clamped at 1e-12): the sums over classes are
+    batched dot products, and KL(p_e || pbar) = sum_y p_ey log p_ey - sum_y p_ey log pbar_y."""
     C = p.shape[-1]
-    logp = p.clamp_min(_EPS).log()
-    entropy = -(p * logp).sum(-1)
+    logp = p.clamp_min(_EPS).log_()
+    p_logp = torch.einsum("bec,bec->be", p, logp)  # sum_y p log p = -H(p_e)
+    del logp
     k = min(5, C)
     top = p.topk(min(max(k, 2), C), dim=-1).values
     topk_mass = top[..., :k].sum(-1)
@@ -56,10 +60,10 @@ def _per_expert_features(p: torch.Tensor) -> torch.Tensor:
     pmax = top[..., 0]
     gap = top[..., 0] - top[..., 1] if C >= 2 else pmax
     pbar = p.mean(dim=1, keepdim=True)  # [B, 1, C]
-    kl = (p * (logp - pbar.clamp_min(_EPS).log())).sum(-1)
-    dot = (p * pbar).sum(-1)
-    cos = dot / (p.norm(dim=-1) * pbar.norm(dim=-1)).clamp_min(_EPS)
-    return torch.stack([entropy, topk_mass, residual, pmax, gap, kl, cos], dim=-1)
+    kl = p_logp - torch.bmm(p, pbar.clamp_min(_EPS).log().transpose(1, 2))[..., 0]
+    dot = torch.bmm(p, pbar.transpose(1, 2))[..., 0]
+    cos = dot / (torch.linalg.vector_norm(p, dim=-1) * torch.linalg.vector_norm(pbar, dim=-1)).clamp_min(_EPS)
+    return torch.stack([-p_logp, topk_mass, residual, pmax, gap, kl, cos], dim=-1)
 
 
 def build_gating_features(posteriors: Any) -> Any:

@@ -223,12 +223,14 @@ class NLLCache:
         for post_buf, y_buf, w_buf in source.iter_rows():
             for i in range(0, len(y_buf), 1024):  # the features' temporaries stay 1024-row sized
                 post, y, w = post_buf[i : i + 1024].float(), y_buf[i : i + 1024], w_buf[i : i + 1024]
-                if not bool(torch.isfinite(post).all()):
-                    bad = at + int(torch.nonzero(~torch.isfinite(post).reshape(len(post), -1).all(1))[0])
-                    raise ArgseError("train-gate", f"training row {bad} has non-finite expert posteriors",
-                                     "recompute the export / check the experts' logits for NaN or inf")
                 f = build_gating_features(post)
                 py = post[torch.arange(len(y)), :, y.long()]
+                # a NaN anywhere in a row's posteriors makes its entropy NaN; an inf makes p NaN
+                ok = torch.isfinite(f).all(1) & torch.isfinite(py).all(1)
+                if not bool(ok.all()):
+                    bad = at + int(torch.nonzero(~ok)[0])
+                    raise ArgseError("train-gate", f"training row {bad} has non-finite expert posteriors",
+                                     "recompute the export / check the experts' logits for NaN or inf")
                 if self.feats is None:
                     self.feats = self._mm("feats", np.float32, (self.n, f.shape[1]))
                     self.py = self._mm("py", np.float32, (self.n, py.shape[1]))

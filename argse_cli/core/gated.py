@@ -43,13 +43,13 @@ def gate_views(model: Any, export_art: Any, calib_art: Any, split: str, experts:
     c2g = export_art.array("class_to_group")
     d = {k: export_art.array(f"{split}/{a}") for k, a in
          (("y", "labels"), ("w_lt", "w_lt"), ("w_bal", "w_bal"))}
+    keep = fit_rows(d["y"])  # by labels only: the other rows' mixture is never computed
     parts = []
-    for post, _y, _w in ZarrSource(export_art, calib_art, split, "w_lt", 1, 0, 4, experts).iter_rows():
-        parts.append(group_stats(model.mixture(post), c2g))
+    for post, _y, _w in ZarrSource(export_art, calib_art, split, "w_lt", 1, 0, 4, experts).iter_rows(keep):
+        if len(post):
+            parts.append(group_stats(model.mixture(post), c2g))
     Mx, A, E = (np.concatenate([p[i] for p in parts]) for i in range(3))
-    keep = fit_rows(d["y"])
     if keep is not None:
-        Mx, A, E = Mx[keep], A[keep], E[keep]
         d = {k: v[keep] for k, v in d.items()}
     return views_of(Mx, A, E, d, c2g)
 

@@ -265,16 +265,17 @@ _ID_BITS = 29
 _ID_MASK = np.int64((1 << _ID_BITS) - 1)
 
 
-def coverage_cut(base: np.ndarray, w: np.ndarray, q: np.ndarray) -> np.ndarray:
+def coverage_cut(base: np.ndarray, w: np.ndarray, q: np.ndarray, rows: np.ndarray | None = None) -> np.ndarray:
     """Per row r, the value v_r such that accepting base >= v_r has weighted coverage q_r: the
     smallest achievable coverage >= q_r (all samples tied with v_r accepted; 1e-12 relative slack).
-    q_r <= 0 accepts nothing (v_r = +inf).
+    q_r <= 0 accepts nothing (v_r = +inf). With ``rows`` [R'] (indices into ``base``'s rows), the
+    cuts are of the rows ``base[rows]`` at the coverages ``q`` [R'] (each distinct row sorted once).
 
     ``base`` is float32. Sorting trick (exact): a float32 converted to float64 has 29 zero
     low mantissa bits; writing the sample index there keeps every pair of distinct float32 values
     in order, so one vectorised float64 value sort yields the order and the indices (an argsort
     costs several times more)."""
-    R, N = base.shape
+    U, N = base.shape
     if N >= 1 << _ID_BITS:
         raise ValueError("more than 2**29 samples in one split")
     key = base.astype(np.float64)
@@ -283,11 +284,17 @@ def coverage_cut(base: np.ndarray, w: np.ndarray, q: np.ndarray) -> np.ndarray:
     key.sort(axis=1)
     idx = bits & _ID_MASK  # sample index at each ascending position
     cw = np.cumsum(w[idx], axis=1, dtype=np.float64)  # weight up to and including position j
-    W = cw[:, -1]
+    rows = np.arange(U) if rows is None else np.asarray(rows, np.int64)
+    W = cw[rows, -1]
     goal = np.minimum(q, 1.0) * W * (1.0 - 1e-12)
-    # weight at or above position j = W - cw[j - 1]; the cut is the largest j with that >= goal
-    j = np.maximum((cw[:, :-1] <= (W - goal)[:, None]).sum(axis=1), 0)
-    vbits = bits[np.arange(R), j] & ~_ID_MASK
+    # weight at or above position j = W - cw[j - 1]; the cut is the largest j with that >= goal,
+    # i.e. j = #{positions i < N - 1 with cw[i] <= W - goal} (cw is non-decreasing)
+    lim = W - goal
+    j = np.empty(rows.size, np.int64)
+    for u in np.unique(rows):
+        r = np.flatnonzero(rows == u)
+        j[r] = np.searchsorted(cw[u, :-1], lim[r], side="right")
+    vbits = bits[rows, j] & ~_ID_MASK
     v = vbits.view(np.float64)
     return np.where(q <= 0, np.inf, v)
 
@@ -320,6 +327,7 @@ def _fixed_point(s: Split, ub: np.ndarray, mu: np.ndarray, q: np.ndarray, spec: 
     share one sort."""
     R, K = ub.shape
     alpha = np.ones((R, K))
+    v = np.empty(R)
     Wp = float(s.wp.sum())
     w = s.f32["w"]
     todo = np.arange(R)
@@ -329,15 +337,20 @@ def _fixed_point(s: Split, ub: np.ndarray, mu: np.ndarray, q: np.ndarray, spec: 
         if it == 0:
             key = np.concatenate([ub, mu], axis=1)
             uniq, inv = np.unique(key, axis=0, return_inverse=True)
-            base = _margins(s, uniq[:, :K], uniq[:, K:])[inv.reshape(-1)]
+            base_u = _margins(s, uniq[:, :K], uniq[:, K:])
+            cut = coverage_cut(base_u, w, q, rows=inv.reshape(-1))
+            base = base_u[inv.reshape(-1)]
         else:
             base = _margins(s, ub[todo] / alpha[todo], mu[todo])
-        acc = base >= coverage_cut(base, w, q[todo])[:, None]
+            cut = coverage_cut(base, w, q[todo])
+        acc = base >= cut[:, None]
         new = np.maximum(K * _group_sums(acc, s, s.wp) / Wp, spec.alpha_min)
         moved = np.any(new != alpha[todo], axis=1)
+        v[todo[~moved]] = cut[~moved]  # alpha repeated: these margins and this cut are final
         alpha[todo] = new
         todo = todo[moved]  # alpha repeated: every further iterate is the same
-    v = coverage_cut(_margins(s, ub / alpha, mu), w, q)
+    if todo.size:
+        v[todo] = coverage_cut(_margins(s, ub[todo] / alpha[todo], mu[todo]), w, q[todo])
     return alpha, v
 
 

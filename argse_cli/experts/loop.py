@@ -255,145 +255,170 @@ def run_loop(
     step's detached per-expert losses. ``on_resume(epoch, epochs)`` is called once when a
     checkpoint is restored. Raises :class:`TrainingDiverged` on a NaN/inf or exploding epoch loss
     (a note names the expert when E > 1)."""
-    from argse_cli.experts.augment import apply_augment
-    from argse_cli.experts.trainer import (
-        _to_nchw_u8,
-        class_balanced_indices,
-        lr_at,
-        make_optimizer,
-        normalize,
-    )
-
-    dev = torch.device(recipe.device)
-    cuda = dev.type == "cuda"
-    E, C = len(task.names), int(num_classes)
-    x_dev = _to_nchw_u8(x_u8, dev)
-    y_dev = torch.as_tensor(np.asarray(y).astype(np.int64), device=dev)
-    N, bs = x_dev.shape[0], min(recipe.batch_size, x_dev.shape[0])
-    steps = N // bs  # drop_last
-    total, warm = recipe.epochs * steps, int(round(recipe.warmup_epochs * steps))
-    gen = torch.Generator(device=dev).manual_seed(recipe.seed)
-    opt = make_optimizer(task.params, recipe)
-    use_bf16 = recipe.precision == "bf16" and cuda
-    fingerprint = _fingerprint(task, recipe, N, C)
-
-    hist: list[list[dict]] = [[] for _ in range(E)]
-    last_finite = torch.full((E,), float("nan"), device=dev)
-    prev_loss: list[float | None] = [None] * E
-    step, start, elapsed = 0, 0, 0.0
-    resumed_from: int | None = None
+    run = _Loop(task, x_u8, y, recipe, num_classes)
     if checkpoint is not None:
+        run.restore(checkpoint, on_resume)
+    for epoch in range(run.start, recipe.epochs):
+        loss_sum, correct, lr, dt = run.train_epoch(on_step)
+        rows, metrics = run.end_epoch(epoch, loss_sum, correct, lr, dt, evaluate)
+        if checkpoint is not None:
+            checkpoint.log(metrics)
+            if checkpoint.every and ((epoch + 1) % checkpoint.every == 0 or epoch + 1 == recipe.epochs):
+                checkpoint.save(run.state(epoch + 1))
+        if progress is not None:
+            progress(epoch + 1, recipe.epochs, rows[0] if run.E == 1 else metrics)
+    return run.hist
+
+
+class _Loop:
+    """One :func:`run_loop` call: the device-resident data, the optimizer, the loop's generator and
+    the state a checkpoint holds (step and epoch counters, elapsed time, histories, the
+    divergence tracker)."""
+
+    def __init__(self, task: LoopTask, x_u8: Any, y: Any, recipe: Any, num_classes: int):
+        from argse_cli.experts.trainer import _to_nchw_u8, make_optimizer
+
+        self.task, self.recipe = task, recipe
+        self.dev = torch.device(recipe.device)
+        self.cuda = self.dev.type == "cuda"
+        self.E, self.C = len(task.names), int(num_classes)
+        self.x = _to_nchw_u8(x_u8, self.dev)
+        self.y = torch.as_tensor(np.asarray(y).astype(np.int64), device=self.dev)
+        self.N, self.bs = self.x.shape[0], min(recipe.batch_size, self.x.shape[0])
+        self.steps = self.N // self.bs  # drop_last
+        self.total, self.warm = recipe.epochs * self.steps, int(round(recipe.warmup_epochs * self.steps))
+        self.gen = torch.Generator(device=self.dev).manual_seed(recipe.seed)
+        self.opt = make_optimizer(task.params, recipe)
+        self.use_bf16 = recipe.precision == "bf16" and self.cuda
+        self.fingerprint = _fingerprint(task, recipe, self.N, self.C)
+        self.hist: list[list[dict]] = [[] for _ in range(self.E)]
+        self.last_finite = torch.full((self.E,), float("nan"), device=self.dev)
+        self.prev_loss: list[float | None] = [None] * self.E
+        self.step, self.start, self.elapsed = 0, 0, 0.0
+        self.resumed_from: int | None = None
+
+    # ---- checkpoints
+    def restore(self, checkpoint: Checkpoint, on_resume: Callable[[int, int], None] | None) -> None:
+        """Continue from the checkpoint's state when it belongs to this run (else a note)."""
         st = checkpoint.load()
-        if st is not None and st.info.get("fingerprint") == fingerprint:
-            t = {k: v.to(dev) for k, v in st.tensors.items()}
-            task.load_state({k[5:]: v for k, v in t.items() if k.startswith("task.")})
-            osd = opt.state_dict()
-            osd["state"] = {
-                int(k.split(".")[1]): {"momentum_buffer": v}
-                for k, v in t.items()
-                if k.startswith("opt.") and k.endswith(".momentum_buffer")
-            }
-            opt.load_state_dict(osd)
-            last_finite = t["loop.last_finite"].clone()
-            restore_rng(st.tensors, st.info["rng"], gen)
-            info = st.info
-            step, start, elapsed = info["step"], info["epoch"], info["elapsed_s"]
-            hist, prev_loss = info["history"], info["prev_loss"]
-            resumed_from = start
-            if on_resume is not None:
-                on_resume(start, recipe.epochs)
-        elif st is not None:
+        if st is None:
+            return
+        if st.info.get("fingerprint") != self.fingerprint:
             note = getattr(checkpoint, "on_note", None)
             if note is not None:
                 note("the checkpoint found belongs to another run (ignored); starting over")
+            return
+        t = {k: v.to(self.dev) for k, v in st.tensors.items()}
+        self.task.load_state({k[5:]: v for k, v in t.items() if k.startswith("task.")})
+        osd = self.opt.state_dict()
+        osd["state"] = {
+            int(k.split(".")[1]): {"momentum_buffer": v}
+            for k, v in t.items()
+            if k.startswith("opt.") and k.endswith(".momentum_buffer")
+        }
+        self.opt.load_state_dict(osd)
+        self.last_finite = t["loop.last_finite"].clone()
+        restore_rng(st.tensors, st.info["rng"], self.gen)
+        info = st.info
+        self.step, self.start, self.elapsed = info["step"], info["epoch"], info["elapsed_s"]
+        self.hist, self.prev_loss = info["history"], info["prev_loss"]
+        self.resumed_from = self.start
+        if on_resume is not None:
+            on_resume(self.start, self.recipe.epochs)
 
-    def save(epoch_done: int) -> None:
-        assert checkpoint is not None
-        tensors = {f"task.{k}": v for k, v in task.state().items()}
-        for i, s in opt.state_dict()["state"].items():
+    def state(self, epoch_done: int) -> TrainState:
+        """The complete training state after ``epoch_done`` epochs (see the module docstring)."""
+        tensors = {f"task.{k}": v for k, v in self.task.state().items()}
+        for i, s in self.opt.state_dict()["state"].items():
             if s.get("momentum_buffer") is not None:
                 tensors[f"opt.{i}.momentum_buffer"] = s["momentum_buffer"]
-        tensors["loop.last_finite"] = last_finite
-        rt, rj = capture_rng(gen)
+        tensors["loop.last_finite"] = self.last_finite
+        rt, rj = capture_rng(self.gen)
         tensors.update(rt)
-        checkpoint.save(TrainState(tensors, {
-            "fingerprint": fingerprint, "epoch": epoch_done, "step": step, "elapsed_s": elapsed,
-            "history": hist, "prev_loss": prev_loss, "rng": rj,
-        }))  # fmt: skip
+        return TrainState(tensors, {
+            "fingerprint": self.fingerprint, "epoch": epoch_done, "step": self.step, "elapsed_s": self.elapsed,
+            "history": self.hist, "prev_loss": self.prev_loss, "rng": rj,
+        })  # fmt: skip
 
-    for epoch in range(start, recipe.epochs):
-        task.set_train()
+    # ---- one epoch
+    def train_epoch(self, on_step: Callable[[int, torch.Tensor], None] | None):
+        """One epoch of SGD steps: (loss sums [E], correct counts [E], last lr, seconds)."""
+        from argse_cli.experts.augment import apply_augment
+        from argse_cli.experts.trainer import class_balanced_indices, lr_at, normalize
+
+        r, E = self.recipe, self.E
+        self.task.set_train()
         t0 = time.perf_counter()
-        if recipe.class_balanced_sampling:
-            order = class_balanced_indices(y_dev, steps * bs, gen)
+        if r.class_balanced_sampling:
+            order = class_balanced_indices(self.y, self.steps * self.bs, self.gen)
         else:
-            order = torch.randperm(N, generator=gen, device=dev)
-        loss_sum = torch.zeros(E, device=dev)
-        correct = torch.zeros(E, device=dev)
+            order = torch.randperm(self.N, generator=self.gen, device=self.dev)
+        loss_sum = torch.zeros(E, device=self.dev)
+        correct = torch.zeros(E, device=self.dev)
         lr = 0.0
-        for s in range(steps):
-            idx = order[s * bs : (s + 1) * bs]
-            yb = y_dev[idx]
-            xb, tb = apply_augment(x_dev[idx], yb, recipe.aug, C, gen)
+        for s in range(self.steps):
+            idx = order[s * self.bs : (s + 1) * self.bs]
+            yb = self.y[idx]
+            xb, tb = apply_augment(self.x[idx], yb, r.aug, self.C, self.gen)
             xb = normalize(xb)
-            if cuda and recipe.channels_last:
+            if self.cuda and r.channels_last:
                 xb = xb.contiguous(memory_format=torch.channels_last)
-            lr = lr_at(step, total, warm, recipe.peak_lr)
-            for g in opt.param_groups:
+            lr = lr_at(self.step, self.total, self.warm, r.peak_lr)
+            for g in self.opt.param_groups:
                 g["lr"] = lr
-            with torch.autocast(dev.type, dtype=torch.bfloat16, enabled=use_bf16):
-                losses, logits = task.losses(xb, tb)
-            opt.zero_grad(set_to_none=True)
+            with torch.autocast(self.dev.type, dtype=torch.bfloat16, enabled=self.use_bf16):
+                losses, logits = self.task.losses(xb, tb)
+            self.opt.zero_grad(set_to_none=True)
             losses.sum().backward()
-            opt.step()
-            step += 1
+            self.opt.step()
+            self.step += 1
             ld = losses.detach().float()
             if on_step is not None:
-                on_step(step - 1, ld)
-            last_finite = torch.where(torch.isfinite(ld), ld, last_finite)
+                on_step(self.step - 1, ld)
+            self.last_finite = torch.where(torch.isfinite(ld), ld, self.last_finite)
             loss_sum += ld
             correct += (logits.detach().argmax(-1) == yb[None]).sum(1)
-        if cuda:
-            torch.cuda.synchronize(dev)
-        dt = time.perf_counter() - t0
-        elapsed += dt
+        if self.cuda:
+            torch.cuda.synchronize(self.dev)
+        return loss_sum, correct, lr, time.perf_counter() - t0
+
+    def end_epoch(self, epoch: int, loss_sum: torch.Tensor, correct: torch.Tensor, lr: float, dt: float,
+                  evaluate: Callable[[], list[float]] | None) -> tuple[list[dict], dict]:
+        """Check for divergence, record the epoch's per-expert rows and return them with the
+        metrics row (see the module docstring)."""
+        E, steps, bs = self.E, self.steps, self.bs
+        self.elapsed += dt
         ep_loss = (loss_sum / steps).tolist()
         accs = (correct / (steps * bs)).tolist()
         for e in range(E):
             if not math.isfinite(ep_loss[e]) or ep_loss[e] > MAX_LOSS:
-                lf = float(last_finite[e])
-                err = TrainingDiverged(epoch, lf if math.isfinite(lf) else prev_loss[e])
+                lf = float(self.last_finite[e])
+                err = TrainingDiverged(epoch, lf if math.isfinite(lf) else self.prev_loss[e])
                 if E > 1:
-                    err.add_note(f"expert {e} ({task.names[e]})")
+                    err.add_note(f"expert {e} ({self.task.names[e]})")
                 raise err
-        prev_loss = list(ep_loss)
+        self.prev_loss = list(ep_loss)
         rows = [
             {"epoch": epoch, "loss": ep_loss[e], "acc": accs[e], "lr": lr, "img_per_s": steps * bs / dt,
              "time_s": dt}
             for e in range(E)
         ]  # fmt: skip
-        if evaluate is not None and recipe.eval_every and (epoch + 1) % recipe.eval_every == 0:
+        if evaluate is not None and self.recipe.eval_every and (epoch + 1) % self.recipe.eval_every == 0:
             for r, a in zip(rows, evaluate(), strict=True):
                 r["eval_bal_acc"] = a
-            task.set_train()
-        for h, r in zip(hist, rows, strict=True):
+            self.task.set_train()
+        for h, r in zip(self.hist, rows, strict=True):
             h.append(r)
         metrics = {
-            "epoch": epoch + 1, "epochs": recipe.epochs, "loss": float(np.mean(ep_loss)),
+            "epoch": epoch + 1, "epochs": self.recipe.epochs, "loss": float(np.mean(ep_loss)),
             "acc": float(np.mean(accs)), "lr": lr, "img_per_s": steps * bs / dt, "time_s": dt,
-            "elapsed_s": elapsed,
+            "elapsed_s": self.elapsed,
         }  # fmt: skip
         if E > 1:
-            metrics.update(names=list(task.names), losses=ep_loss, accs=accs)
+            metrics.update(names=list(self.task.names), losses=ep_loss, accs=accs)
         if "eval_bal_acc" in rows[0]:
             metrics["eval_bal_acc"] = [r["eval_bal_acc"] for r in rows]
-        if resumed_from is not None:
-            metrics["resumed_from"] = resumed_from
-            resumed_from = None
-        if checkpoint is not None:
-            checkpoint.log(metrics)
-            if checkpoint.every and ((epoch + 1) % checkpoint.every == 0 or epoch + 1 == recipe.epochs):
-                save(epoch + 1)
-        if progress is not None:
-            progress(epoch + 1, recipe.epochs, rows[0] if E == 1 else metrics)
-    return hist
+        if self.resumed_from is not None:
+            metrics["resumed_from"] = self.resumed_from
+            self.resumed_from = None
+        return rows, metrics

@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 STAGE = "baselines"
-VERSION = 10
+VERSION = 11
 
 
 def slugify(name: str) -> str:

@@ -14,7 +14,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "calibrate"
-VERSION = 2
+VERSION = 3
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:

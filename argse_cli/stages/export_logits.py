@@ -21,7 +21,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "export-logits"
-VERSION = 8
+VERSION = 9
 SPLIT_ARRAYS = ("labels", "w_lt", "w_bal", "group")
 
 

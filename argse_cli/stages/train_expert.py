@@ -32,7 +32,7 @@ import sys
 from typing import Any
 
 STAGE = "train-expert"
-VERSION = 6
+VERSION = 7
 RESUMABLE = True  # the writer keeps its pending dir across a kill: checkpoints + metrics log
 
 
