@@ -314,3 +314,20 @@ def test_coverage_cut_of_shared_rows_equals_the_cut_of_the_expanded_rows():
     rows = rng.integers(0, 4, 50)
     q = np.concatenate([[0.0, 1.0, 1e-9], rng.uniform(0, 1, 47)])
     assert np.array_equal(coverage_cut(base_u, w, q, rows=rows), coverage_cut(base_u[rows], w, q))
+
+
+@pytest.mark.parametrize("seed", range(6))
+def test_equal_weights_cut_by_selection_equals_the_sorted_cut(seed):
+    # with equal weights the cut position is known before sorting: np.partition, same value
+    from argse_cli.core.plugin_fit import _coverage_cut_equal_weights, _coverage_cut_sorted
+
+    rng = np.random.default_rng(seed)
+    N = int(rng.integers(2, 400))
+    base = np.round(rng.standard_normal((5, N)), int(rng.integers(0, 3))).astype(np.float32)  # ties
+    rows = rng.integers(0, 5, 40)
+    q = np.concatenate([[0.0, 1.0, 1.0 / N, 1e-9], rng.uniform(0, 1, 36)])
+    for wv in (1.0, 0.3, 7.0):
+        w = np.full(N, wv, np.float32)
+        for r in (None, rows):
+            qq = q[:5] if r is None else q
+            assert np.array_equal(_coverage_cut_equal_weights(base, w, qq, r), _coverage_cut_sorted(base, w, qq, r))

@@ -278,6 +278,14 @@ def coverage_cut(base: np.ndarray, w: np.ndarray, q: np.ndarray, rows: np.ndarra
     U, N = base.shape
     if N >= 1 << _ID_BITS:
         raise ValueError("more than 2**29 samples in one split")
+    if N > 1 and np.all(w == w[0]):
+        return _coverage_cut_equal_weights(base, w, q, rows)
+    return _coverage_cut_sorted(base, w, q, rows)
+
+
+def _coverage_cut_sorted(base: np.ndarray, w: np.ndarray, q: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """:func:`coverage_cut` for any weights: one sort per distinct row."""
+    U, N = base.shape
     key = base.astype(np.float64)
     bits = key.view(np.int64)
     bits |= np.arange(N, dtype=np.int64)
@@ -296,6 +304,27 @@ def coverage_cut(base: np.ndarray, w: np.ndarray, q: np.ndarray, rows: np.ndarra
         j[r] = np.searchsorted(cw[u, :-1], lim[r], side="right")
     vbits = bits[rows, j] & ~_ID_MASK
     v = vbits.view(np.float64)
+    return np.where(q <= 0, np.inf, v)
+
+
+def _coverage_cut_equal_weights(base: np.ndarray, w: np.ndarray, q: np.ndarray, rows: np.ndarray | None) -> np.ndarray:
+    """:func:`coverage_cut` when every weight is the same (a view whose weights are all 1): the
+    cumulative weights do not depend on the order, so the cut position j_r is known before
+    sorting and the value at ascending position j_r is a selection (``np.partition``, linear
+    time) instead of a sort -- the same value, bit for bit."""
+    U, N = base.shape
+    rows = np.arange(U) if rows is None else np.asarray(rows, np.int64)
+    cw = np.cumsum(w, dtype=np.float64)  # = the sorted path's cumsum of w[idx] (all entries equal)
+    W = cw[-1]
+    goal = np.minimum(q, 1.0) * W * (1.0 - 1e-12)
+    j = np.searchsorted(cw[:-1], W - goal, side="right")
+    v = np.empty(rows.size)
+    if rows.size == 1:
+        v[0] = np.partition(base[rows[0]], j[0])[j[0]]
+    else:
+        for jj in np.unique(j):  # rows sharing a cut position (a coverage): one vectorised selection
+            at = np.flatnonzero(j == jj)
+            v[at] = np.partition(base[rows[at]], jj, axis=1)[:, jj]
     return np.where(q <= 0, np.inf, v)
 
 

@@ -25,7 +25,7 @@ import re
 from typing import Any
 
 STAGE = "baselines"
-VERSION = 11
+VERSION = 12
 
 
 def slugify(name: str) -> str:

@@ -17,7 +17,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "eval"
-VERSION = 9
+VERSION = 10
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:

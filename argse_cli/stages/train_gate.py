@@ -18,7 +18,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "train-gate"
-VERSION = 8
+VERSION = 9
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
