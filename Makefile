@@ -46,23 +46,7 @@ DEMO := --config $(DEMO_CFG)
 DEMO_OUT ?= reports/demo
 DEMO_IMPORT ?= build/demo_import
 demo: install data
-	$(ARGSE) split $(DEMO)
-	$(ARGSE) train-expert $(DEMO)
-	$(ARGSE) export-logits $(DEMO)
-	$(ARGSE) calibrate $(DEMO)
-	@# import-logits on the demo's own experts written out as plain .npy files (the path for logits from elsewhere)
-	$(PY) scripts/export_to_files.py $$($(ARGSE) export-logits $(DEMO) --print-key) $(DEMO_IMPORT) >/dev/null
-	$(ARGSE) import-logits --config $(DEMO_IMPORT)/pipeline.yaml
-	$(ARGSE) calibrate --config $(DEMO_IMPORT)/pipeline.yaml
-	$(ARGSE) train-gate $(DEMO) --beta balanced
-	$(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0
-	$(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key)
-	$(ARGSE) eval $(DEMO) --gate $$($(ARGSE) train-gate $(DEMO) --beta worst --xi 1.0 --print-key)
-	$(ARGSE) baselines $(DEMO)
-	$(ARGSE) report $(DEMO) --latest --out $(DEMO_OUT)
-	@# apply: the stored balanced gate + rejector on the test logits files, one per expert in gate order
-	$(ARGSE) apply $$($(ARGSE) train-gate $(DEMO) --beta balanced --print-key) \
-	  $$(for f in $(DEMO_IMPORT)/logits/e*_test.npy; do echo --logits $$f; done) --out $(DEMO_OUT)/apply_test.npz
+	ARGSE=$(ARGSE) PY=$(PY) CFG=$(DEMO_CFG) OUT=$(DEMO_OUT) IMPORT=$(DEMO_IMPORT) bash scripts/demo.sh
 
 test: install-dev
 	env -u ARGSE_DATA -u ARGSE_STORE $(PY) -m pytest -q

@@ -1,8 +1,8 @@
 """Benchmark: wall time of the all-cache-hit rerun of `make demo` (CPU).
 
 Runs the Makefile's ``demo`` target itself (``make -s demo VENV=<this interpreter's venv> ...``),
-so the timed sequence is the recipe, whatever it holds (each stage one ``argse`` process, the
-nested ``$(argse ... --print-key)`` calls, the export-to-files + import-logits round trip, apply).
+so the timed sequence is the recipe, whatever it holds (scripts/demo.sh: each stage one ``argse``
+process, the export-to-files + import-logits round trip, apply unless its output is this gate's).
 
 Mode ``demo-store``: when ARGSE_STORE holds a completed demo (the report artifact of
 configs/demo.yaml exists) ``make demo`` is timed once more on it (every stage must answer
