@@ -175,6 +175,32 @@ def _trim_partial_line(path: Path) -> None:
         pass
 
 
+def settle_zarr_io(timeout: float = 60.0) -> None:
+    """Wait until Zarr's event loop has no write (or read) in flight.
+
+    Zarr runs an array's chunk and metadata writes as concurrent tasks; when one fails (a full
+    disk), the error reaches the caller while its siblings are still writing. Removing the temp
+    dir then races them: a late write recreates it (``mkdir(parents=True)``) and is left behind,
+    or fails after the process has reported its error and prints a stray traceback at exit. So a
+    failed writer first waits here for every task on Zarr's loop (their errors are collected and
+    dropped: the first one is the one reported). No-op when Zarr was never used in this process."""
+    import asyncio
+    import sys
+
+    zsync = sys.modules.get("zarr.core.sync")
+    loop = getattr(zsync, "loop", [None])[0] if zsync is not None else None
+    if loop is None or loop.is_closed() or not loop.is_running():
+        return
+
+    async def _settle() -> None:
+        me = asyncio.current_task()
+        while others := [t for t in asyncio.all_tasks() if t is not me and not t.done()]:
+            await asyncio.gather(*others, return_exceptions=True)
+
+    with contextlib.suppress(Exception):
+        asyncio.run_coroutine_threadsafe(_settle(), loop).result(timeout)
+
+
 def _rm(path: Path) -> None:
     """Remove a file, link or directory tree (never following a link)."""
     if path.is_dir() and not path.is_symlink():
@@ -1156,6 +1182,7 @@ class Store:
             w.published = self._publish_sealed(tmp, base, stage, key, replace)
         except BaseException as e:
             w._close_metrics()
+            settle_zarr_io()  # Zarr writes still in flight would race the cleanup below
             place = place_errno(e)
             needed = _tree_size(tmp) if place is not None else 0
             free = _free_bytes(tmp) if place is not None else None  # at the failure, not after

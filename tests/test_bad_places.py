@@ -92,6 +92,50 @@ def test_write_errors_become_one_line_naming_the_path(store_root, fake_stage, co
     assert not store_root.exists()  # the failed first run left nothing (temp dir, stage dir)
 
 
+def test_a_full_disk_mid_write_waits_for_zarrs_other_writes_before_cleaning_up(
+    tmp_path, monkeypatch
+):
+    """Zarr writes an array's chunks as concurrent tasks: when one hits ENOSPC its siblings are
+    still writing. The writer must let them end before removing its temp dir, else a late write
+    recreates the dir (left behind) or fails after the error was reported (a stray traceback)."""
+    import threading
+    import time
+
+    import zarr.storage._local as zlocal
+
+    from argse_cli.store import compute_key
+
+    real_put, lock = zlocal._put, threading.Lock()
+    state = {"calls": 0, "in_flight": 0, "max_in_flight": 0}
+
+    def put(path, value, exclusive=False):
+        with lock:
+            state["calls"] += 1
+            call = state["calls"]
+            state["in_flight"] += 1
+            state["max_in_flight"] = max(state["max_in_flight"], state["in_flight"])
+        try:
+            if call == 3:
+                raise OSError(errno.ENOSPC, "No space left on device", str(path))
+            time.sleep(0.2)  # the siblings are still writing when the error reaches the writer
+            return real_put(path, value, exclusive=exclusive)
+        finally:
+            with lock:
+                state["in_flight"] -= 1
+
+    monkeypatch.setattr(zlocal, "_put", put)
+    store = Store(tmp_path / "store")
+    key = compute_key("split", 1, {}, {}, {})
+    with pytest.raises(ArgseError) as err:
+        with store.writer("split", key, config={}, upstream={}, upstream_stages={}, version=1) as w:
+            w.array("x", np.arange(60), chunk_rows=5)  # 12 chunks written concurrently
+    assert "no space left" in str(err.value)
+    assert state["max_in_flight"] > 1  # the race was there to be lost
+    assert state["in_flight"] == 0  # every sibling write had ended before the writer returned
+    assert [p.name for p in (tmp_path / "store" / "split").iterdir()] == []
+    assert store.list() == []
+
+
 # ------------------------------------------------------------------------ real file systems
 def test_full_disk_is_one_line_with_sizes_and_the_store_is_unchanged(tmp_path, synthetic_cifar10):
     with tmpfs(tmp_path / "small", "192k") as mnt:

@@ -33,7 +33,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "import-logits"
-VERSION = 8
+VERSION = 9
 
 
 def run(cfg: Any, store: Any, force: bool = False, quiet: bool = False, rehash: bool = False) -> str:
