@@ -330,6 +330,35 @@ def test_pooling_over_folds_and_disjointness():
         check_disjoint(bad, ["f1", "f2"])
 
 
+def test_fold_order_follows_the_data_not_the_keys():
+    """Renaming the folds' keys (an upstream VERSION bump) keeps their order, hence the pooled row
+    order, the bootstrap resamples and every CI; the keys only break ties of identical content."""
+    from argse_cli.report.compare import Result, fold_order, method_stats, pool
+
+    ds = [_test_set(200 + 50 * i, seed=i) for i in range(3)]
+    ms = [_method(d, 0.8, True, i) for i, d in enumerate(ds)]
+    content = ["c2", "c0", "c1"]  # xxh3 of each fold's test logits
+
+    def results(keys):
+        return [Result("A", "A", 0, "main", None, k, k, (lambda d=d, m=m: {**d, **m, "refit": None}),
+                       fold_content=c) for k, d, m, c in zip(keys, ds, ms, content, strict=True)]
+
+    before, after = results(["k1", "k2", "k3"]), results(["a1", "z9", "m5"])  # the keys sort otherwise
+    assert fold_order(before) == ["k2", "k3", "k1"] and fold_order(after) == ["z9", "m5", "a1"]
+    stats = []
+    for rs in (before, after):
+        pooled, _ = pool(rs, fold_order(rs))
+        stats.append(method_stats(pooled, ["A"], "lt", "sweep", LEVELS, 200)["A"])
+    np.testing.assert_array_equal(stats[0].est, stats[1].est)
+    np.testing.assert_array_equal(stats[0].samples, stats[1].samples)
+    pooled, _ = pool(after, sorted(r.fold for r in after))  # the old order: by key
+    moved = method_stats(pooled, ["A"], "lt", "sweep", LEVELS, 200)["A"]
+    np.testing.assert_allclose(moved.est, stats[0].est, atol=1e-12)  # the estimates never depended on it
+    assert not np.array_equal(moved.samples, stats[0].samples)  # the resamples did
+    tie = [Result("A", "A", 0, "main", None, k, k, lambda: {}, fold_content="same") for k in ("b", "a")]
+    assert fold_order(tie) == ["a", "b"]
+
+
 def test_holm_adjustment():
     from argse_cli.report.compare import holm
 

@@ -47,6 +47,7 @@ class Result:
     load: Callable[[], dict] = field(repr=False)
     info: dict = field(default_factory=dict)
     gate: Callable[[], Any] | None = field(default=None, repr=False)
+    fold_content: str = ""  # xxh3 of the fold's test logits: orders the folds (:func:`fold_order`)
 
 
 @dataclass
@@ -101,6 +102,17 @@ def cached(fn: Callable[[], Any]) -> Callable[[], Any]:
         return box[0]
 
     return get
+
+
+def fold_order(results: Sequence[Result]) -> list[str]:
+    """The folds in a content-defined order: by the xxh3 of each fold's test logits (then its key).
+
+    Pooled rows are concatenated in this order and the class-stratified bootstrap draws positions,
+    so the order decides which resamples are drawn. Sorting by the artifact key would tie the CIs
+    and p-values to the keys, which move with any upstream VERSION bump although no number does;
+    the data's own checksum does not."""
+    content = {r.fold: r.fold_content for r in results}
+    return sorted(content, key=lambda f: (content[f], f))
 
 
 def pool(results: Sequence[Result], folds: Sequence[str],

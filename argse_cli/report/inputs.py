@@ -27,6 +27,13 @@ def _fold_of(art: Any) -> str:
     return str(art.upstream_keys["export"])
 
 
+def _fold_content(art: Any) -> str:
+    """The xxh3 of the test logits this result was scored on (content, not key: orders the folds)."""
+    src = art.upstream("gate") if art.stage == "eval" else art
+    info = src.upstream("export").manifest.get("arrays", {}).get("test/logits") or {}
+    return str(info.get("xxh3", ""))
+
+
 def _eval_results(art: Any) -> list:
     m = art.json("metrics.json")
     names = set(art.manifest.get("arrays", {}))
@@ -41,13 +48,13 @@ def _eval_results(art: Any) -> list:
     return [Result(name=str(m["method"]), method=str(m["method"]), seed=int(m.get("seed") or 0), kind="main",
                    setting=None, fold=_fold_of(art), source=f"eval/{art.key[:12]}", load=cached(load),
                    info={"operating_point": m.get("operating_point")},
-                   gate=cached(lambda: art.upstream("gate")))]
+                   gate=cached(lambda: art.upstream("gate")), fold_content=_fold_content(art))]
 
 
 def _baseline_results(art: Any) -> list:
     b = art.json("baselines.json")
     names = set(art.manifest.get("arrays", {}))
-    fold = _fold_of(art)
+    fold, content = _fold_of(art), _fold_content(art)
 
     @cached
     def shared() -> dict:
@@ -70,7 +77,7 @@ def _baseline_results(art: Any) -> list:
         info = {k: r[k] for k in ("expert", "operating_coverage", "chosen_epoch") if k in r}
         out.append(Result(name=name, method=str(r["method"]), seed=int(r.get("seed") or 0), kind=kind,
                           setting=r.get("setting"), fold=fold, source=f"baselines/{art.key[:12]}:{slug}",
-                          load=cached(load), info=info))
+                          load=cached(load), info=info, fold_content=content))
     return out
 
 

@@ -36,13 +36,13 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "report"
-VERSION = 11
+VERSION = 12
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     from ..errors import ArgseError
     from ..metrics.bootstrap import stat_names
-    from ..report.compare import Methods, check_disjoint, comparisons, pool
+    from ..report.compare import Methods, check_disjoint, comparisons, fold_order, pool
     from ..report.deferral_tables import deferral_tables
     from ..report.figure_set import report_figures
     from ..report.inputs import eval_warnings, fill_banner, gather
@@ -52,7 +52,7 @@ def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
     results, levels = gather(inputs)
     if not results:
         raise ArgseError("report", "the inputs hold no results", "pass --eval KEY and/or --baselines KEY")
-    folds = sorted({r.fold for r in results})
+    folds = fold_order(results)  # content-defined: CIs do not move with the keys
     fold_info = check_disjoint(results, folds)
     progress.phase(f"loading results ({len(folds)} fold(s))")
     pooled, warnings = pool(results, folds, progress=progress)
