@@ -8,53 +8,53 @@ from typing import Any
 from .compare import VIEWS, Result, cached
 
 
-def _image_ids(art: Any, names: set) -> Any:
+def _scorer(art: Any) -> Any:
+    """The artifact whose ``export`` upstream the result was scored on: an eval's gate, else itself."""
+    return art.upstream("gate") if art.stage == "eval" else art
+
+
+def _image_ids(art: Any, names: set, scorer: Any = None) -> Any:
     """The test rows' image identities, or None when the scored export has none: export-logits
     stores indices into the official CIFAR arrays (comparable across folds); import-logits stores
     rows of each source file, which identify no image across imports (a cross-fitting protocol
     asserts its folds' disjointness itself, e.g. :func:`argse_cli.data.c100lt.crossfit_protocol`)."""
-    gate_or_self = art.upstream("gate") if art.stage == "eval" else art
-    stages = gate_or_self.manifest.get("upstream_stages") or {}
+    stages = (scorer or _scorer(art)).manifest.get("upstream_stages") or {}
     if stages.get("export") != "export-logits" or "test/source_index" not in names:
         return None
     return art.array("test/source_index")
 
 
-def _fold_of(art: Any) -> str:
-    """The test set's identity: the export / import key the result was scored on."""
-    if art.stage == "eval":
-        return str(art.upstream("gate").upstream_keys["export"])
-    return str(art.upstream_keys["export"])
-
-
-def _fold_content(art: Any) -> str:
-    """The xxh3 of the test logits this result was scored on (content, not key: orders the folds)."""
-    src = art.upstream("gate") if art.stage == "eval" else art
-    info = src.upstream("export").manifest.get("arrays", {}).get("test/logits") or {}
-    return str(info.get("xxh3", ""))
+def _fold_of(scorer: Any) -> tuple[str, str]:
+    """The test set's identity -- the export / import key the result was scored on -- and the xxh3
+    of that export's test logits (content, not key: it orders the folds, :func:`compare.fold_order`)."""
+    key = str(scorer.upstream_keys["export"])
+    info = scorer.upstream("export").manifest.get("arrays", {}).get("test/logits") or {}
+    return key, str(info.get("xxh3", ""))
 
 
 def _eval_results(art: Any) -> list:
     m = art.json("metrics.json")
     names = set(art.manifest.get("arrays", {}))
+    gate = _scorer(art)
+    fold, content = _fold_of(gate)
 
     def load() -> dict:
         d = {k: art.array(f"test/{k}") for k in ("score", "pred", "y", "w_lt", "w_bal")}
         d["class_to_group"] = art.array("class_to_group")
-        d["source_index"] = _image_ids(art, names)
+        d["source_index"] = _image_ids(art, names, gate)
         d["refit"] = {v: (art.array(f"refit/{v}/score"), art.array(f"refit/{v}/pred")) for v in VIEWS}
         return d
 
     return [Result(name=str(m["method"]), method=str(m["method"]), seed=int(m.get("seed") or 0), kind="main",
-                   setting=None, fold=_fold_of(art), source=f"eval/{art.key[:12]}", load=cached(load),
-                   info={"operating_point": m.get("operating_point")},
-                   gate=cached(lambda: art.upstream("gate")), fold_content=_fold_content(art))]
+                   setting=None, fold=fold, source=f"eval/{art.key[:12]}", load=cached(load),
+                   info={"operating_point": m.get("operating_point")}, gate=lambda: gate,
+                   fold_content=content)]
 
 
 def _baseline_results(art: Any) -> list:
     b = art.json("baselines.json")
     names = set(art.manifest.get("arrays", {}))
-    fold, content = _fold_of(art), _fold_content(art)
+    fold, content = _fold_of(art)
 
     @cached
     def shared() -> dict:

@@ -36,7 +36,7 @@ from __future__ import annotations
 from typing import Any
 
 STAGE = "report"
-VERSION = 12
+VERSION = 13
 
 
 def compute(cfg: Any, inputs: dict, out: Any, progress: Any) -> None:
