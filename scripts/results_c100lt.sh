@@ -14,12 +14,14 @@ OUT=${OUT:-docs/RESULTS.md}
 JOBS=${JOBS:-$(nproc 2>/dev/null || echo 1)}
 export OMP_WAIT_POLICY=${OMP_WAIT_POLICY:-PASSIVE}
 t0=$(date +%s)
+# shellcheck source=scripts/stage_key.sh
+source "$(dirname "$0")/stage_key.sh"
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" >&2; }
 keys=$(mktemp -d)
 trap 'rm -rf "$keys"' EXIT
 
 fold_run() {  # one fold: import, calibrate, the gates and their evals, the baselines; keys into $keys/<fold>.*
-  local pipe=$1 fold s b g g42
+  local pipe=$1 fold s b g e g42
   local C=(--config "$pipe")
   fold=$(basename "$(dirname "$pipe")")
   stamp "$fold: import-logits, calibrate"
@@ -29,17 +31,15 @@ fold_run() {  # one fold: import, calibrate, the gates and their evals, the base
     for b in "--beta balanced" "--beta worst --xi 1.0"; do
       stamp "$fold: train-gate $b --seed $s, eval"
       # shellcheck disable=SC2086
-      $ARGSE train-gate "${C[@]}" $b --seed "$s" -q
-      # shellcheck disable=SC2086
-      g=$($ARGSE train-gate "${C[@]}" $b --seed "$s" --print-key)
-      $ARGSE eval "${C[@]}" --gate "$g" -q
-      echo "--eval $($ARGSE eval "${C[@]}" --gate "$g" --print-key)" >> "$keys/$fold.evals"
+      g=$(stage_key train-gate "${C[@]}" $b --seed "$s" -q)
+      e=$(stage_key eval "${C[@]}" --gate "$g" -q)
+      echo "--eval $e" >> "$keys/$fold.evals"
     done
   done
   g42=$($ARGSE train-gate "${C[@]}" --beta balanced --seed 42 --print-key)
   stamp "$fold: baselines"
-  $ARGSE baselines "${C[@]}" --gate "$g42" -q
-  echo "--baselines $($ARGSE baselines "${C[@]}" --gate "$g42" --print-key)" > "$keys/$fold.baselines"
+  e=$(stage_key baselines "${C[@]}" --gate "$g42" -q)
+  echo "--baselines $e" > "$keys/$fold.baselines"
   stamp "$fold: done"
 }
 
@@ -60,8 +60,7 @@ for pipe in "${pipes[@]}"; do  # fold order, as a sequential run lists them
 done
 first=${pipes[0]}
 stamp "report over ${#pipes[@]} fold(s)"
-$ARGSE report --config "$first" "${evals[@]}" "${bases[@]}" --out reports/c100lt -q
-rk=$($ARGSE report --config "$first" "${evals[@]}" "${bases[@]}" --print-key)
+rk=$(stage_key report --config "$first" "${evals[@]}" "${bases[@]}" --out reports/c100lt -q)
 stamp "markdown"
 mkdir -p "$(dirname "$OUT")"
 $PY -m argse_cli.report.markdown "$rk" --protocol "$C100/protocol.json" --command "make results-c100lt" \

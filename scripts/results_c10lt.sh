@@ -11,6 +11,8 @@ SEEDS=${SEEDS:-"42 43 44 45 46"}
 OUT=${OUT:-docs/RESULTS.md}
 C=(--config "$CFG")
 t0=$(date +%s)
+# shellcheck source=scripts/stage_key.sh
+source "$(dirname "$0")/stage_key.sh"
 stamp() { echo "[$(( $(date +%s) - t0 )) s] $*" >&2; }
 stamp "split"
 $ARGSE split "${C[@]}" -q
@@ -24,20 +26,17 @@ for s in $SEEDS; do
   for b in "--beta balanced" "--beta worst --xi 1.0"; do
     stamp "train-gate $b --seed $s, eval"
     # shellcheck disable=SC2086
-    $ARGSE train-gate "${C[@]}" $b --seed "$s" -q
-    # shellcheck disable=SC2086
-    g=$($ARGSE train-gate "${C[@]}" $b --seed "$s" --print-key)
-    $ARGSE eval "${C[@]}" --gate "$g" -q
-    evals+=(--eval "$($ARGSE eval "${C[@]}" --gate "$g" --print-key)")
+    g=$(stage_key train-gate "${C[@]}" $b --seed "$s" -q)
+    e=$(stage_key eval "${C[@]}" --gate "$g" -q)
+    evals+=(--eval "$e")
   done
 done
 g42=$($ARGSE train-gate "${C[@]}" --beta balanced --seed 42 --print-key)
 stamp "baselines (and the ablation gates)"
-$ARGSE baselines "${C[@]}" --gate "$g42" -q
-base=(--baselines "$($ARGSE baselines "${C[@]}" --gate "$g42" --print-key)")
+e=$(stage_key baselines "${C[@]}" --gate "$g42" -q)
+base=(--baselines "$e")
 stamp "report"
-$ARGSE report "${C[@]}" "${evals[@]}" "${base[@]}" --out reports/c10lt -q
-rk=$($ARGSE report "${C[@]}" "${evals[@]}" "${base[@]}" --print-key)
+rk=$(stage_key report "${C[@]}" "${evals[@]}" "${base[@]}" --out reports/c10lt -q)
 mkdir -p build "$(dirname "$OUT")"
 $PY -m argse_cli.report.notes --config "$CFG" > build/c10lt_notes.json
 $PY -m argse_cli.report.markdown "$rk" --protocol build/c10lt_notes.json --command "make results-c10lt" \
