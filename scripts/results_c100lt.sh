@@ -21,7 +21,7 @@ keys=$(mktemp -d)
 trap 'rm -rf "$keys"' EXIT
 
 fold_run() {  # one fold: import, calibrate, the gates and their evals, the baselines; keys into $keys/<fold>.*
-  local pipe=$1 fold s b g e g42
+  local pipe=$1 fold s b g e g42 bk
   local C=(--config "$pipe")
   fold=$(basename "$(dirname "$pipe")")
   stamp "$fold: import-logits, calibrate"
@@ -38,8 +38,8 @@ fold_run() {  # one fold: import, calibrate, the gates and their evals, the base
   done
   g42=$($ARGSE train-gate "${C[@]}" --beta balanced --seed 42 --print-key)
   stamp "$fold: baselines"
-  e=$(stage_key baselines "${C[@]}" --gate "$g42" -q)
-  echo "--baselines $e" > "$keys/$fold.baselines"
+  bk=$(stage_key baselines "${C[@]}" --gate "$g42" -q)
+  echo "--baselines $bk" > "$keys/$fold.baselines"
   stamp "$fold: done"
 }
 

@@ -33,8 +33,8 @@ for s in $SEEDS; do
 done
 g42=$($ARGSE train-gate "${C[@]}" --beta balanced --seed 42 --print-key)
 stamp "baselines (and the ablation gates)"
-e=$(stage_key baselines "${C[@]}" --gate "$g42" -q)
-base=(--baselines "$e")
+bk=$(stage_key baselines "${C[@]}" --gate "$g42" -q)
+base=(--baselines "$bk")
 stamp "report"
 rk=$(stage_key report "${C[@]}" "${evals[@]}" "${base[@]}" --out reports/c10lt -q)
 mkdir -p build "$(dirname "$OUT")"
